@@ -7,6 +7,9 @@ before anything is built or written.
 """
 from __future__ import annotations
 
+import ast
+from typing import Sequence
+
 import ml_collections
 
 from fixed_slots.fixed_point import parse_grad_mode
@@ -175,6 +178,35 @@ def tiny_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.batch_size = 8
     config.eval.num_batches = 1
     config.eval.num_images = 2
+    return config
+
+
+def override(config: ml_collections.ConfigDict, assignments: Sequence[str]
+             ) -> ml_collections.ConfigDict:
+    """A copy of `config` with "key.path=value" assignments applied (the scripts' --set flags).
+
+    Values are Python literals (`64`, `1e-3`, `'cudnn'`, `(1, 2)`); anything else is a string.
+    Unknown keys and values of the wrong type raise ValueError naming the assignment.
+    """
+    config = config.copy_and_resolve_references()
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {assignment!r}: expected key.path=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f"override {assignment!r}: config has no key {key!r}")
+        try:
+            setattr(node, leaf, value)
+        except TypeError as e:
+            raise ValueError(f"override {assignment!r}: {e}") from None
     return config
 
 

@@ -1,0 +1,30 @@
+"""configlib.override: the --set KEY=VALUE flags of the benchmark scripts."""
+import pytest
+
+from fixed_slots import configlib
+
+
+def test_override_applies_typed_literals_to_a_copy():
+    base = configlib.slate_base()
+    config = configlib.override(base, [
+        "slate.dvae_hidden=8", "slate.attention_impl=cudnn", "optim.main_lr=1e-3",
+        "train.num_devices=2", "slate.hard=True", "data.crop='center'"])
+    assert config.slate.dvae_hidden == 8 and isinstance(config.slate.dvae_hidden, int)
+    assert config.slate.attention_impl == "cudnn"  # a bare word is a string
+    assert config.optim.main_lr == 1e-3
+    assert config.train.num_devices == 2  # a placeholder takes a value of its type
+    assert config.slate.hard is True and config.data.crop == "center"
+    assert base.slate.dvae_hidden == 64 and base.train.num_devices is None  # the base is untouched
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("slate.no_such_key=1", "config has no key 'slate.no_such_key'"),
+    ("nothing.here=1", "config has no key 'nothing.here'"),
+    ("slate.dvae_hidden.deeper=1", "config has no key 'slate.dvae_hidden.deeper'"),
+    ("slate.dvae_hidden=wide", "slate.dvae_hidden=wide"),
+    ("slate.dvae_hidden", "expected key.path=value"),
+    ("=3", "expected key.path=value"),
+])
+def test_override_names_the_bad_assignment(assignment, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        configlib.override(configlib.slate_base(), [assignment])
