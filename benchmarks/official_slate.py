@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -66,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode_repeats", type=int, default=1)
     p.add_argument("--check", action="store_true",
                    help="first verify the implicit slot-attention code against the official module")
+    p.add_argument("--json", default=None, help="also write the figures here as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tau", type=float, default=1.0,
                    help="Gumbel temperature (step 0 of the anneal)")
@@ -282,11 +285,21 @@ def main(argv=None) -> None:
     else:
         dev_name = (f"CPU {platform.processor() or platform.machine()}, "
                     f"{torch.get_num_threads()} threads")
+    digest = official_digest(a.slate_dir)
     print(f"# {dev_name}; torch {torch.__version__}; official SLATE from {a.slate_dir} "
-          f"(files sha256 {official_digest(a.slate_dir)}); {time.strftime('%Y-%m-%d')}")
+          f"(files sha256 {digest}); {time.strftime('%Y-%m-%d')}")
     for note in notes:
         print(f"# {note}")
     shape = f"{a.image_size}x{a.image_size}, batch {a.batch_size}, {a.num_slots} slots"
+    record = {"device": dev_name, "torch": torch.__version__, "digest": digest,
+              "date": time.strftime("%Y-%m-%d"), "grad": a.grad, "amp": a.amp,
+              "compile": a.compile, "num_iterations": a.num_iterations,
+              "batch_size": a.batch_size, "image_size": a.image_size}
+
+    def write_json(**figures) -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(record, **figures), f, indent=1)
 
     if a.decode:
         model.eval()
@@ -301,6 +314,7 @@ def main(argv=None) -> None:
         print("| variant | s/batch | images/s |\n|---|---|---|")
         print(f"| official autoregressive reconstruction, {a.batch_size} images ({tokens} tokens "
               f"each, full recompute per token) | {sec:.2f} | {a.batch_size / sec:.1f} |")
+        write_json(decode_images_per_s=a.batch_size / sec, decode_s_per_batch=sec, tokens=tokens)
         return
 
     def train_step():
@@ -343,6 +357,10 @@ def main(argv=None) -> None:
     mib = peak.removesuffix(" MiB")
     print(f"| official-{a.grad}{''.join('+' + tag for _, tag in flags)} | "
           f"{a.num_iterations} | {ms:.1f} | {ips:.0f} | n/a | {mib} | n/a | n/a |")
+    write_json(variant=variant, ms=ms, min_ms=1e3 * min(times), images_per_s=ips, loss=loss,
+               peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20
+                         if device.type == "cuda" else None),
+               max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 if __name__ == "__main__":

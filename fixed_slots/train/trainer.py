@@ -92,8 +92,12 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def build(config: ml_collections.ConfigDict, mesh):
-    """Model graph, initial params, optimizer and the jitted train step."""
+def build(config: ml_collections.ConfigDict, mesh, donate: bool = True):
+    """Model graph, initial params, optimizer and the jitted train step.
+
+    `donate` lets the step write the new state into the old state's buffers (no second copy of
+    params and optimiser state); False only for the before/after memory benchmark.
+    """
     model = models.create(config, rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config.optim, params)
@@ -102,7 +106,7 @@ def build(config: ml_collections.ConfigDict, mesh):
     step_fn = make_train_step(graphdef, tx, uses_plateau_value=config.optim.decay == "plateau")
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,) if donate else ())
     return graphdef, state, jitted
 
 
