@@ -1,0 +1,197 @@
+"""Issue 5's side-by-side: the official PyTorch SLATE vs ours, same shapes, same device, one run.
+
+Runs one after another, each in its own process (so every peak-memory figure is its own):
+  official vanilla (backprop through T)          benchmarks/official_slate.py --grad=unroll
+  official implicit (the paper's one-line change) benchmarks/official_slate.py --grad=implicit
+  ours unroll and ours neumann1 at the same T    benchmarks/train_step.py
+and with --decode both autoregressive reconstructions of one batch (official
+reconstruct_autoregressive vs our KV-cache decoder). Every shape and optimiser argument of the
+official harness is derived from our config, so the two sides cannot drift apart. Prints one
+markdown table with the ratios (official / ours) to paste into BENCHMARKS.md; --json writes every
+figure.
+
+The official code is never part of this repository: --slate_dir is a checkout you obtain yourself
+(benchmarks/README.md says how) and torch is installed by you; this script only runs the two
+harnesses.
+
+  # the paper's setting (configs/slate_clevr.py: 96x96, batch 50, 7 slots, T=7) on the GPU:
+  python benchmarks/side_by_side.py --slate_dir=build/official_slate --decode
+  # minutes on a CPU (tiny shapes):
+  python benchmarks/side_by_side.py --slate_dir=build/official_slate --config=configs/tiny.py \\
+      --set=slate.dvae_hidden=64 --steps=3 --device=cpu --decode
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from fixed_slots import configlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("side_by_side_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def official_args_from_config(config) -> list[str]:
+    """official_slate.py arguments (official train.py names) for the model our config builds."""
+    if config.model.name != "slate":
+        raise ValueError(f"side-by-side needs a SLATE config, got model.name={config.model.name!r}")
+    if config.slate.dvae_hidden != 64:
+        raise ValueError(f"the official dVAE has 64 hidden channels built in; this config has "
+                         f"slate.dvae_hidden={config.slate.dvae_hidden}")
+    if config.optim.clip != "inf_norm":
+        raise ValueError(f"the official step clips the inf-norm; this config has "
+                         f"optim.clip={config.optim.clip!r}")
+    s, sa = config.slate, config.slot_attention
+    args = {
+        "image_size": config.data.image_size, "batch_size": config.train.batch_size,
+        "num_slots": sa.num_slots, "num_iterations": sa.num_iterations,
+        "slot_size": sa.slot_size, "mlp_hidden_size": sa.mlp_hidden_size,
+        "num_slot_heads": sa.num_heads, "vocab_size": s.vocab_size, "d_model": s.d_model,
+        "num_heads": s.num_decoder_heads, "num_dec_blocks": s.num_decoder_blocks,
+        "dropout": s.dropout, "lr_dvae": config.optim.dvae_lr, "lr_main": config.optim.main_lr,
+        "clip": config.optim.clip_value, "tau": s.tau_start,
+    }
+    return [f"--{k}={v}" for k, v in args.items()] + (["--hard"] if s.hard else [])
+
+
+def _ratio(official: float | None, ours: float | None) -> str:
+    return f"{official / ours:.2f}x" if official and ours else "n/a"
+
+
+def _mib(x: float | None) -> str:
+    return f"{x:.0f}" if x else "n/a"
+
+
+def side_by_side_table(official: dict, ours: dict) -> list[str]:
+    """Markdown lines from the harnesses' JSON records.
+
+    official: {"unroll": rec, "implicit": rec, "implicit_equal": rec?, "decode": rec?}
+    ours: train_step.py's JSON ({"rows": [...], "decode": {...}}).
+    Speed-up = official ms / ours ms (= ours images/s / official images/s); memory ratio =
+    official peak / ours peak (above 1: ours uses less).
+    """
+    rows = {(r["grad"], r["iters"]): r for r in ours["rows"]}
+    t = official["unroll"]["num_iterations"]
+    lines = ["| variant | official ms/step | ours ms/step | speed-up | official peak MiB | "
+             "ours peak MiB | memory ratio |", "|---|---|---|---|---|---|---|"]
+    pairs = [(f"vanilla, T={t}: official backprop through T vs ours unroll", "unroll", "unroll"),
+             (f"implicit, T={t}: official one-line change ({t}+1 updates) vs ours neumann1 "
+              f"({t} updates)", "implicit", "neumann1")]
+    if "implicit_equal" in official:
+        pairs.append((f"implicit, equal updates: official one-line change ({t - 1}+1) vs ours "
+                      f"neumann1 ({t})", "implicit_equal", "neumann1"))
+    rss = []
+    for label, theirs_key, ours_grad in pairs:
+        theirs, mine = official[theirs_key], rows[(ours_grad, t)]
+        mine_peak = mine["peak_mib"] or None  # 0 where the backend reports no peak (CPU)
+        lines.append(f"| {label} | {theirs['ms']:.1f} | {mine['ms']:.1f} | "
+                     f"{_ratio(theirs['ms'], mine['ms'])} | {_mib(theirs['peak_mib'])} | "
+                     f"{_mib(mine_peak)} | {_ratio(theirs['peak_mib'], mine_peak)} |")
+        rss.append(f"{ours_grad} {_mib(mine.get('max_rss_mib'))} vs official {theirs_key} "
+                   f"{_mib(theirs.get('max_rss_mib'))}")
+    # Where no device allocator peak exists (CPU), the processes' peak resident memory is the
+    # same-method comparison left; it includes each framework's own footprint (XLA compilation).
+    lines += ["", "process peak RSS, MiB (ours vs official): " + "; ".join(rss)]
+    if "decode" in official and ours.get("decode"):
+        theirs, mine = official["decode"], ours["decode"]
+        lines += ["", f"| decode, {theirs['batch_size']} images x {theirs['tokens']} tokens | "
+                  "official images/s | ours images/s | speed-up |", "|---|---|---|---|",
+                  f"| official reconstruct_autoregressive (full recompute per token) vs ours KV "
+                  f"cache | {theirs['decode_images_per_s']:.3g} | {mine['kv_cache']:.3g} | "
+                  f"{mine['kv_cache'] / theirs['decode_images_per_s']:.1f}x |"]
+    return lines
+
+
+def _run_json(cmd: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "figures.json")
+        print("$", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        subprocess.run(cmd + [f"--json={path}"], check=True, stdout=sys.stderr)
+        with open(path) as f:
+            return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slate_dir", required=True, help="checkout of the official SLATE (not ours)")
+    p.add_argument("--config", default="configs/slate_clevr.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set=slate.attention_impl=cudnn (repeatable)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                   help="the official side's device (ours uses JAX's default backend)")
+    p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: ours mixed precision, official torch.autocast(bf16)")
+    p.add_argument("--equal_updates", action="store_true",
+                   help="also time the official implicit change with T-1 iterations")
+    p.add_argument("--decode", action="store_true", help="also time autoregressive decoding")
+    p.add_argument("--decode_repeats", type=int, default=1)
+    p.add_argument("--decode_batch", type=int, default=None,
+                   help="images per decode batch (default: the config's batch size)")
+    p.add_argument("--official_python", default=sys.executable,
+                   help="interpreter with torch for the official harness")
+    p.add_argument("--json", default=None, help="also write every figure here")
+    a = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(a.slate_dir, "slate.py")):
+        raise SystemExit(f"--slate_dir={a.slate_dir} has no slate.py: get a checkout of "
+                         "github.com/singhgautam/slate (benchmarks/README.md says how)")
+    config = configlib.override(load_config(a.config), a.set)
+    shape_args = official_args_from_config(config)
+    t = config.slot_attention.num_iterations
+    timing = [f"--steps={a.steps}", f"--warmup={a.warmup}"]
+    theirs = [a.official_python, os.path.join(HERE, "official_slate.py"),
+              f"--slate_dir={a.slate_dir}", *shape_args, *timing]
+    if a.device:
+        theirs.append(f"--device={a.device}")
+    if a.compute_dtype == "bfloat16":
+        theirs.append("--amp=bf16")
+
+    official = {"unroll": _run_json(theirs + ["--grad=unroll"]),
+                "implicit": _run_json(theirs + ["--grad=implicit"])}
+    if a.equal_updates:
+        official["implicit_equal"] = _run_json(
+            [x for x in theirs if not x.startswith("--num_iterations=")]
+            + [f"--num_iterations={t - 1}", "--grad=implicit"])
+    ours_cmd = [sys.executable, os.path.join(HERE, "train_step.py"), f"--config={a.config}",
+                "--grads=unroll,neumann1", f"--iters={t}", *timing,
+                f"--compute_dtype={a.compute_dtype}", "--quiet", *(f"--set={x}" for x in a.set)]
+    if a.decode:
+        decode_batch = a.decode_batch or config.train.batch_size
+        official["decode"] = _run_json(
+            [x for x in theirs if not x.startswith("--batch_size=")]
+            + [f"--batch_size={decode_batch}", "--decode", f"--decode_repeats={a.decode_repeats}"])
+        ours_cmd += [f"--decode_repeats={a.decode_repeats}", f"--decode_batch={decode_batch}",
+                     "--decode_variants=kv_cache"]
+    else:
+        ours_cmd.append("--decode_repeats=0")
+    ours = _run_json(ours_cmd)
+
+    u, h = official["unroll"], ours["header"]
+    print(f"# side by side, {time.strftime('%Y-%m-%d')}: official SLATE (files sha256 "
+          f"{u['digest']}) on {u['device']}, torch {u['torch']}; ours on {h['device']}, jax "
+          f"{h['jax']}; {a.config}{''.join(' --set=' + x for x in a.set)}: "
+          f"{h['image_size']}x{h['image_size']}, batch "
+          f"{h['batch_size']}, {config.slot_attention.num_slots} slots, T={t}, "
+          f"{a.compute_dtype}; median of {a.steps} steps after {a.warmup} warm-up")
+    print("\n".join(side_by_side_table(official, ours)))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"official": official, "ours": ours}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
