@@ -245,6 +245,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.name == "slate":
         if config.slate.attention_impl not in ("xla", "cudnn", "einsum"):
             bad("slate.attention_impl", config.slate.attention_impl, "'xla', 'cudnn' or 'einsum'")
+        if config.slate.attention_impl == "cudnn":
+            # Fail here rather than on the GPU (float32) or silently fall back to the unfused
+            # path in training (dropout on the probabilities, which the fused kernel lacks).
+            if config.train.compute_dtype != "bfloat16":
+                bad("slate.attention_impl", "cudnn",
+                    "'xla' or 'einsum' with float32 compute: cuDNN's fused attention is "
+                    "bf16/fp16 only (set train.compute_dtype='bfloat16')")
+            if config.slate.attn_prob_dropout and config.slate.dropout > 0:
+                bad("slate.attention_impl", "cudnn",
+                    "'xla' or 'einsum' while slate.attn_prob_dropout=True: the fused kernel has "
+                    "no dropout on attention probabilities (set slate.attn_prob_dropout=False)")
         if config.data.image_size % 4:
             bad("data.image_size", config.data.image_size, "a multiple of 4 (the dVAE downsamples 4x)")
         if config.slate.d_model % config.slate.num_decoder_heads:

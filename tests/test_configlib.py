@@ -28,3 +28,18 @@ def test_override_applies_typed_literals_to_a_copy():
 def test_override_names_the_bad_assignment(assignment, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         configlib.override(configlib.slate_base(), [assignment])
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["slate.attention_impl=cudnn", "slate.attn_prob_dropout=False"], "bf16/fp16 only"),
+    (["slate.attention_impl=cudnn", "train.compute_dtype=bfloat16"], "attn_prob_dropout=False"),
+])
+def test_cudnn_attention_without_its_requirements_is_refused(assignments, message):
+    with pytest.raises(ValueError, match=message):
+        configlib.validate(configlib.override(configlib.slate_base(), assignments))
+
+
+def test_cudnn_attention_with_bf16_and_no_probability_dropout_validates():
+    configlib.validate(configlib.override(configlib.slate_base(), [
+        "slate.attention_impl=cudnn", "train.compute_dtype=bfloat16",
+        "slate.attn_prob_dropout=False", "train.num_devices=1"]))
