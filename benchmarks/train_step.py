@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             r = time_train_step(config, args.steps, args.warmup, donate=args.donate)
         rows.append(r)
         say(f"| {grad} | {t} | {r['ms']:.1f} | {r['images_per_s']:.0f} | "
-            f"{r['compiled_mib']:.0f} | {r['peak_mib']:.0f} | {r['gflop']:.1f} | "
+            f"{r['compiled_mib']:.1f} | {r['peak_mib']:.0f} | {r['gflop']:.1f} | "
             f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} |", flush=True)
     loop = {}
     if args.loop_steps:
