@@ -427,7 +427,10 @@ def test_batch_axis_gives_each_example_its_own_solve(solver):
         for z, info in ((zb[i], jax.tree.map(lambda a: a[i], ib)),
                         (zv[i], jax.tree.map(lambda a: a[i], iv))):
             assert int(info.steps) == int(i1.steps)
-            np.testing.assert_allclose(z, z1, rtol=1e-6, atol=1e-6)
+            # Same iterations; a batched matvec sums in another order than a single one, and
+            # Broyden's rank-one updates carry that float32 round-off to a few 1e-6 (CPU-ISA
+            # dependent), far below the solve's own error at tol=1e-5.
+            np.testing.assert_allclose(z, z1, rtol=1e-5, atol=2e-5)
             np.testing.assert_allclose(info.final_residual, i1.final_residual, rtol=1e-4,
                                        atol=1e-6)
             np.testing.assert_array_equal(np.isnan(info.residuals), np.isnan(i1.residuals))
