@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--slate_dir={a.slate_dir} has no slate.py: get a checkout of "
                          "github.com/singhgautam/slate (benchmarks/README.md says how)")
     config = configlib.override(load_config(a.config), a.set)
+    config.train.compute_dtype = a.compute_dtype
+    configlib.validate(config)
     shape_args = official_args_from_config(config)
     t = config.slot_attention.num_iterations
     timing = [f"--steps={a.steps}", f"--warmup={a.warmup}"]

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     base = configlib.override(load_config(args.config), args.set)
     if args.compute_dtype:
         base.train.compute_dtype = args.compute_dtype
+    configlib.validate(base)  # a bad override fails here, not after minutes on the device
     say = (lambda *a, **k: None) if args.quiet else print
     device = jax.devices()[0]
     header = {
