@@ -17,7 +17,6 @@ every figure.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -32,21 +31,9 @@ from fixed_slots.train.trainer import train_and_evaluate
 RESEEDED = "float32_seed+1"
 
 
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("mixed_precision_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def short_run_config(base, dtype: str, steps: int, log_every: int, synthetic: bool):
-    config = base.copy_and_resolve_references()
+    config = configlib.training_only(base, steps, log_every)
     config.train.compute_dtype = dtype
-    config.train.num_steps = steps
-    config.train.log_every_steps = log_every
-    config.train.checkpoint_every_steps = steps
-    config.train.image_every_steps = 0  # only the training step is compared
-    config.train.jacobian_every_steps = 0
     if synthetic:
         config.data.name = "synthetic"
     return config
@@ -87,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default=None, help="write the loss curves to this PNG")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    base = configlib.override(load_config(a.config), a.set)
+    base = configlib.from_file(a.config, a.set)
     runs = {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0)}
     if a.noise_floor:  # float32 again with another seed: how far two equally valid runs differ
         runs[RESEEDED] = ("float32", 1)

@@ -23,7 +23,6 @@ harnesses.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -34,13 +33,6 @@ import time
 from fixed_slots import configlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("side_by_side_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def official_args_from_config(config) -> list[str]:
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(os.path.join(a.slate_dir, "slate.py")):
         raise SystemExit(f"--slate_dir={a.slate_dir} has no slate.py: get a checkout of "
                          "github.com/singhgautam/slate (benchmarks/README.md says how)")
-    config = configlib.override(load_config(a.config), a.set)
+    config = configlib.from_file(a.config, a.set)
     config.train.compute_dtype = a.compute_dtype
     configlib.validate(config)
     shape_args = official_args_from_config(config)

@@ -21,7 +21,6 @@ the rows as JSON (what `side_by_side.py` reads).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -42,13 +41,6 @@ from fixed_slots.train.trainer import build
 
 # Dense bf16 peak FLOP/s used for utilisation (H100 SXM); CPU rows print "n/a".
 PEAK_FLOPS = {"gpu": 989e12, "tpu": 197e12}
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def peak_bytes() -> int | None:
@@ -117,13 +109,8 @@ def time_training_loop(config, steps: int) -> float:
     first (the first holds compilation)."""
     from fixed_slots.train.trainer import train_and_evaluate
 
-    config = config.copy_and_resolve_references()
+    config = configlib.training_only(config, steps, log_every=max(steps // 5, 1))
     config.data.name = "synthetic"
-    config.train.num_steps = steps
-    config.train.log_every_steps = max(steps // 5, 1)
-    config.train.checkpoint_every_steps = steps
-    config.train.image_every_steps = 0
-    config.train.jacobian_every_steps = 0
     with tempfile.TemporaryDirectory() as workdir:
         history = train_and_evaluate(config, workdir)
     rates = [h["steps_per_second"] for h in history[1:]] or [history[-1]["steps_per_second"]]
@@ -201,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the figures here as JSON")
     parser.add_argument("--quiet", action="store_true", help="no table (with --json)")
     args = parser.parse_args(argv)
-    base = configlib.override(load_config(args.config), args.set)
+    base = configlib.from_file(args.config, args.set)
     if args.compute_dtype:
         base.train.compute_dtype = args.compute_dtype
     configlib.validate(base)  # a bad override fails here, not after minutes on the device

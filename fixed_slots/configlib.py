@@ -8,6 +8,7 @@ before anything is built or written.
 from __future__ import annotations
 
 import ast
+import importlib.util
 from typing import Sequence
 
 import ml_collections
@@ -178,6 +179,27 @@ def tiny_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.batch_size = 8
     config.eval.num_batches = 1
     config.eval.num_images = 2
+    return config
+
+
+def from_file(path: str, assignments: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """get_config() of a config file (as main.py's --config), with `override` assignments."""
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return override(module.get_config(), assignments)
+
+
+def training_only(config: ml_collections.ConfigDict, steps: int, log_every: int
+                  ) -> ml_collections.ConfigDict:
+    """A copy that only trains for `steps` (no image or Jacobian summaries, one checkpoint at
+    the end): what the benchmarks time and compare."""
+    config = config.copy_and_resolve_references()
+    config.train.num_steps = steps
+    config.train.log_every_steps = log_every
+    config.train.checkpoint_every_steps = steps
+    config.train.image_every_steps = 0
+    config.train.jacobian_every_steps = 0
     return config
 
 

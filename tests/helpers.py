@@ -1,17 +1,14 @@
 """Shared test helpers: loading config files the way main.py does."""
-import importlib.util
 import pathlib
+
+from fixed_slots import configlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
     """configs/<name>.py -> its get_config() (unlocked, as tests override freely)."""
-    path = ROOT / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return configlib.from_file(str(ROOT / "configs" / f"{name}.py"))
 
 
 def adam_losses(model, batch, steps: int = 25, learning_rate: float = 3e-3) -> list[float]:

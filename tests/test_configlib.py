@@ -1,7 +1,8 @@
-"""configlib.override: the --set KEY=VALUE flags of the benchmark scripts."""
+"""configlib.from_file, override (the --set KEY=VALUE flags of the scripts), training_only."""
 import pytest
 
 from fixed_slots import configlib
+from helpers import ROOT
 
 
 def test_override_applies_typed_literals_to_a_copy():
@@ -43,3 +44,18 @@ def test_cudnn_attention_with_bf16_and_no_probability_dropout_validates():
     configlib.validate(configlib.override(configlib.slate_base(), [
         "slate.attention_impl=cudnn", "train.compute_dtype=bfloat16",
         "slate.attn_prob_dropout=False", "train.num_devices=1"]))
+
+
+def test_from_file_loads_a_config_file_with_overrides():
+    path = str(ROOT / "configs" / "slate_clevr.py")
+    assert configlib.from_file(path).data.image_size == 96
+    assert configlib.from_file(path, ["data.image_size=64"]).data.image_size == 64
+
+
+def test_training_only_turns_off_summaries_and_keeps_the_base():
+    base = configlib.slate_base()
+    config = configlib.training_only(base, steps=300, log_every=50)
+    assert (config.train.num_steps, config.train.log_every_steps,
+            config.train.checkpoint_every_steps) == (300, 50, 300)
+    assert config.train.image_every_steps == 0 and config.train.jacobian_every_steps == 0
+    assert base.train.num_steps == 250_000 and base.train.image_every_steps == 5_000
