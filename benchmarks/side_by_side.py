@@ -62,6 +62,11 @@ def _ratio(official: float | None, ours: float | None) -> str:
     return f"{official / ours:.2f}x" if official and ours else "n/a"
 
 
+def _num(x: float) -> str:
+    """Three significant digits, without exponents (0.118, 6.26, 8870)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _mib(x: float | None) -> str:
     return f"{x:.0f}" if x else "n/a"
 
@@ -101,7 +106,7 @@ def side_by_side_table(official: dict, ours: dict) -> list[str]:
         lines += ["", f"| decode, {theirs['batch_size']} images x {theirs['tokens']} tokens | "
                   "official images/s | ours images/s | speed-up |", "|---|---|---|---|",
                   f"| official reconstruct_autoregressive (full recompute per token) vs ours KV "
-                  f"cache | {theirs['decode_images_per_s']:.3g} | {mine['kv_cache']:.3g} | "
+                  f"cache | {_num(theirs['decode_images_per_s'])} | {_num(mine['kv_cache'])} | "
                   f"{mine['kv_cache'] / theirs['decode_images_per_s']:.1f}x |"]
     return lines
 
