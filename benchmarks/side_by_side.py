@@ -111,6 +111,11 @@ def side_by_side_table(official: dict, ours: dict) -> list[str]:
     return lines
 
 
+def _with_flag(cmd: list[str], name: str, value) -> list[str]:
+    """`cmd` with its --name=... replaced by --name=value."""
+    return [x for x in cmd if not x.startswith(f"--{name}=")] + [f"--{name}={value}"]
+
+
 def _run_json(cmd: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "figures.json")
@@ -163,16 +168,14 @@ def main(argv: list[str] | None = None) -> None:
                 "implicit": _run_json(theirs + ["--grad=implicit"])}
     if a.equal_updates:
         official["implicit_equal"] = _run_json(
-            [x for x in theirs if not x.startswith("--num_iterations=")]
-            + [f"--num_iterations={t - 1}", "--grad=implicit"])
+            _with_flag(theirs, "num_iterations", t - 1) + ["--grad=implicit"])
     ours_cmd = [sys.executable, os.path.join(HERE, "train_step.py"), f"--config={a.config}",
                 "--grads=unroll,neumann1", f"--iters={t}", *timing,
                 f"--compute_dtype={a.compute_dtype}", "--quiet", *(f"--set={x}" for x in a.set)]
     if a.decode:
         decode_batch = a.decode_batch or config.train.batch_size
-        official["decode"] = _run_json(
-            [x for x in theirs if not x.startswith("--batch_size=")]
-            + [f"--batch_size={decode_batch}", "--decode", f"--decode_repeats={a.decode_repeats}"])
+        official["decode"] = _run_json(_with_flag(theirs, "batch_size", decode_batch)
+                                       + ["--decode", f"--decode_repeats={a.decode_repeats}"])
         ours_cmd += [f"--decode_repeats={a.decode_repeats}", f"--decode_batch={decode_batch}",
                      "--decode_variants=kv_cache"]
     else:
