@@ -131,8 +131,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     Returns the metrics written in this call, one dict per logged step (with its "step").
     """
-    configlib.validate(config)
+    # Before anything touches a device (validate counts devices): jax.distributed.initialize
+    # refuses to run once the backend exists.
     sharding.maybe_initialize_distributed()
+    configlib.validate(config)
     # The data first: a missing dataset fails in seconds, before any model is built.
     loader = make_loader(config, "train", global_batch_size=config.train.batch_size,
                          shard_index=jax.process_index(), shard_count=jax.process_count(),
