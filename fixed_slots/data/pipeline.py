@@ -19,8 +19,9 @@ PIL's default bicubic filter (masks: nearest neighbour), scale to [0, 1]. Crop m
               (Locatello et al.'s slot-attention crop)
 Object properties (`position` ...) are passed through unchanged by crops.
 
-Sharding: `IndexSampler` with `ShardOptions(shard_index, shard_count, drop_remainder=True)` gives
-every host (JAX process) a disjoint slice of each epoch.
+Sharding: `sampler.ProcessSliceSampler` gives host (JAX process) i rows [i*b, (i+1)*b) of every
+global batch of one global stream, so the global batches do not depend on the number of hosts,
+each epoch is split disjointly, and the iterator state is the same on every host.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import numpy as np
 from absl import flags
 
 from fixed_slots.data import sources
+from fixed_slots.data.sampler import ProcessSliceSampler
 from fixed_slots.data.synthetic import TargetLayout, properties_to_target
 
 CROP_MODES = ("center", "none", "clevr")
@@ -182,14 +184,13 @@ def make_loader(
     per_host_batch = global_batch_size // shard_count
     data = config.data
     source = sources.get_source(data, split)
-    shard_options = grain.ShardOptions(
-        shard_index=shard_index, shard_count=shard_count, drop_remainder=True
-    )
     if shuffle is None:
         shuffle = sources.canonical_split(split) == "train"
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options,
+    sampler = ProcessSliceSampler(
+        len(source),
+        global_batch_size=global_batch_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
         shuffle=bool(shuffle),
         num_epochs=num_epochs,
         seed=int(seed),
@@ -208,7 +209,7 @@ def make_loader(
         sampler=sampler,
         operations=operations,
         worker_count=int(data.get("num_workers", 0)),
-        shard_options=shard_options,
+        shard_options=grain.NoSharding(),  # the sampler picks this host's records
     )
     batches_per_epoch = len(source) // shard_count // per_host_batch
     if batches_per_epoch == 0:
