@@ -1,29 +1,164 @@
-"""Data parallelism: one `data` mesh axis; the batch is sharded over it, the state replicated."""
+"""Data parallelism over one `data` mesh axis (batch sharded, state replicated), and joining a
+multi-process job.
+
+Multi-process (multi-host, or one process per GPU) jobs: every process runs the same `main.py`
+command; `maybe_initialize_distributed()` joins them through `jax.distributed` before any device
+is touched. It reads, in this order (docs/multihost.md has the launch recipes):
+
+  FIXED_SLOTS_COORDINATOR=host:port   process 0's address (JAX_COORDINATOR_ADDRESS also works)
+  FIXED_SLOTS_NUM_PROCESSES=N         how many processes in the job
+  FIXED_SLOTS_PROCESS_ID=i            this process, 0 <= i < N
+  FIXED_SLOTS_LOCAL_DEVICE_IDS=0,1    optional: the local accelerators this process uses
+  FIXED_SLOTS_DISTRIBUTED=auto        no address given: JAX detects the cluster (SLURM srun,
+                                      Open MPI, Cloud TPU pod slices); =off never joins
+  FIXED_SLOTS_HEARTBEAT_TIMEOUT_S     seconds without a heartbeat before the job declares a
+                                      process dead and every other process exits (JAX: 100)
+  FIXED_SLOTS_INITIALIZATION_TIMEOUT_S  seconds to wait for all processes to join (JAX: 300)
+
+With none of these set nothing happens (one process, all local devices). On the CPU, collectives
+between processes go through gloo.
+"""
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import os
+from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fixed_slots.errors import ConfigError
 
 DATA_AXIS = "data"
 
+ENV_COORDINATOR = "FIXED_SLOTS_COORDINATOR"
+ENV_NUM_PROCESSES = "FIXED_SLOTS_NUM_PROCESSES"
+ENV_PROCESS_ID = "FIXED_SLOTS_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "FIXED_SLOTS_LOCAL_DEVICE_IDS"
+ENV_DISTRIBUTED = "FIXED_SLOTS_DISTRIBUTED"
+ENV_HEARTBEAT_TIMEOUT = "FIXED_SLOTS_HEARTBEAT_TIMEOUT_S"
+ENV_INITIALIZATION_TIMEOUT = "FIXED_SLOTS_INITIALIZATION_TIMEOUT_S"
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-host job when launched as one (coordinator address in the environment)."""
-    import os
 
-    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
-        jax.distributed.initialize()
+class DistributedSetupError(ConfigError):
+    """The multi-process environment variables are incomplete or malformed (names the variable)."""
+
+
+def _env_int(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise DistributedSetupError(f"{name}={value!r} must be an integer >= {minimum}")
+    return number
+
+
+def distributed_arguments(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """jax.distributed.initialize keyword arguments from the environment, or None (one process).
+
+    Pure: reads `environ` (default os.environ), touches no device, raises DistributedSetupError
+    for an incomplete or malformed setup.
+    """
+    env = os.environ if environ is None else environ
+    mode = env.get(ENV_DISTRIBUTED, "").strip().lower()
+    if mode not in ("", "auto", "off"):
+        raise DistributedSetupError(f"{ENV_DISTRIBUTED}={env[ENV_DISTRIBUTED]!r} must be "
+                                    "'auto' (let JAX detect the cluster) or 'off'")
+    if mode == "off":
+        return None
+    # JAX's own variable keeps JAX's meaning: what it leaves unset, JAX detects.
+    if ENV_COORDINATOR not in env and "JAX_COORDINATOR_ADDRESS" in env and not mode:
+        mode = "auto"
+    coordinator = env.get(ENV_COORDINATOR) or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = _env_int(env, ENV_NUM_PROCESSES, minimum=1)
+    process_id = _env_int(env, ENV_PROCESS_ID, minimum=0)
+    if coordinator is None and mode != "auto":
+        given = [n for n in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if n in env]
+        if given:
+            raise DistributedSetupError(
+                f"{' and '.join(given)} set but no {ENV_COORDINATOR}=host:port (process 0's "
+                f"address), or {ENV_DISTRIBUTED}=auto on a cluster JAX can detect")
+        return None
+    if coordinator is not None and (":" not in coordinator
+                                    or not coordinator.rsplit(":", 1)[1].isdigit()):
+        raise DistributedSetupError(f"{ENV_COORDINATOR}={coordinator!r} must be host:port")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise DistributedSetupError(f"{ENV_PROCESS_ID}={process_id} must be below "
+                                    f"{ENV_NUM_PROCESSES}={num_processes}")
+    if coordinator is not None and mode != "auto":
+        missing = [n for n, v in ((ENV_NUM_PROCESSES, num_processes),
+                                  (ENV_PROCESS_ID, process_id)) if v is None]
+        if missing:
+            raise DistributedSetupError(
+                f"{ENV_COORDINATOR} is set but {' and '.join(missing)} is not (or set "
+                f"{ENV_DISTRIBUTED}=auto to let JAX read them from SLURM/Open MPI/TPU)")
+    args: dict[str, Any] = {"coordinator_address": coordinator,
+                            "num_processes": num_processes, "process_id": process_id}
+    ids = env.get(ENV_LOCAL_DEVICE_IDS)
+    if ids:
+        try:
+            args["local_device_ids"] = [int(i) for i in ids.split(",")]
+        except ValueError:
+            raise DistributedSetupError(f"{ENV_LOCAL_DEVICE_IDS}={ids!r} must be comma-"
+                                        "separated integers, e.g. 0,1") from None
+    heartbeat = _env_int(env, ENV_HEARTBEAT_TIMEOUT, minimum=1)
+    if heartbeat is not None:
+        args["heartbeat_timeout_seconds"] = heartbeat
+    init_timeout = _env_int(env, ENV_INITIALIZATION_TIMEOUT, minimum=1)
+    if init_timeout is not None:
+        args["initialization_timeout"] = init_timeout
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def maybe_initialize_distributed() -> bool:
+    """Joins a multi-process job when the environment describes one; returns whether it is one.
+
+    Call before anything touches a device (jax.devices(), jax.device_count(), a computation).
+    Calling it again, or after the job was joined some other way, is a no-op.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    args = distributed_arguments()
+    if args is None:
+        return False
+    try:
+        # Collectives between CPU processes (tests, CPU clusters); accelerators use their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # an option a future jax may drop
+        pass
+    logging.info("Joining a multi-process job: %s", args)
+    jax.distributed.initialize(**args)
+    logging.info("Process %d of %d; %d local of %d global devices.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    num_devices = num_devices or jax.device_count()
+    """A 1-D `data` mesh over the first `num_devices` devices (default: all, over all processes)."""
+    total = jax.device_count()
+    num_devices = num_devices or total
+    if jax.process_count() > 1 and num_devices != total:
+        # jax.devices()[:n] would leave some processes without a device in the mesh.
+        raise ConfigError(f"config.train.num_devices={num_devices}: a job of "
+                          f"{jax.process_count()} processes uses all {total} devices (leave it "
+                          "unset, or set the devices each process sees with "
+                          f"{ENV_LOCAL_DEVICE_IDS})")
     # Auto axes: XLA propagates shardings through the model (explicit axes would make every
     # reshape of a batch-sharded activation spell out its output sharding).
-    return jax.make_mesh((num_devices,), (DATA_AXIS,), devices=jax.devices()[:num_devices],
+    mesh = jax.make_mesh((num_devices,), (DATA_AXIS,), devices=jax.devices()[:num_devices],
                          axis_types=(jax.sharding.AxisType.Auto,))
+    if jax.process_count() > 1:
+        logging.info("Mesh %s over %d processes: process %d holds devices %s.",
+                     dict(mesh.shape), jax.process_count(), jax.process_index(),
+                     [d.id for d in mesh.local_devices])
+    return mesh
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -34,8 +169,31 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# Debugging aid (and the multi-process tests' witness): when set, every process appends one JSON
+# line per batch it contributes, holding a fingerprint of each of its examples' images, to
+# <value>.process<i>. Off unless set.
+ENV_DEBUG_BATCH_LOG = "FIXED_SLOTS_DEBUG_BATCH_LOG"
+
+
+def example_fingerprints(images: np.ndarray) -> list[str]:
+    """One short content hash per example (leading axis) of a NumPy batch."""
+    images = np.ascontiguousarray(images)
+    return [hashlib.sha1(image.tobytes()).hexdigest()[:16] for image in images]
+
+
+def _log_batch(batch: dict[str, np.ndarray], path: str) -> None:
+    line = json.dumps(example_fingerprints(np.asarray(batch["image"])))
+    with open(f"{path}.process{jax.process_index()}", "a") as f:
+        f.write(line + "\n")
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """This host's slice of the global batch -> global arrays sharded over the data axis."""
+    """This process's slice of the global batch -> global arrays sharded over the data axis.
+
+    Process i's rows are rows [i*b, (i+1)*b) of the global batch (b = per-process batch).
+    """
+    if os.environ.get(ENV_DEBUG_BATCH_LOG):
+        _log_batch(batch, os.environ[ENV_DEBUG_BATCH_LOG])
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
