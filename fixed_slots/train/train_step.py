@@ -1,5 +1,11 @@
 """The pure train step: (state, batch, key) -> (state, metrics). No Python side effects inside.
 
+The state that crosses the jit boundary is plain arrays: params are a nested dict of jax.Array
+(`nnx.to_pure_dict`), merged into the NNX module only inside the traced function
+(`model_from_params`), and the optimizer state is a few flat buffers (`optim.make_optimizer`).
+An `nnx.State` would make every call flatten and rebuild one Python `Variable` per parameter on
+the host (hundreds per step), which is what kept the GPU waiting (issue 10).
+
 A non-finite loss or gradient leaves params and optimizer state untouched for that step and records
 the first such step in `state.first_bad_step`; the host checks it when it fetches metrics and before
 every save, so a bad step is named exactly without a per-step device->host sync, and no checkpoint
@@ -17,41 +23,83 @@ from flax import nnx
 
 from fixed_slots.train.optim import global_norm
 
+Params = dict  # nested dict of jax.Array, the module's nnx.Param values (nnx.to_pure_dict)
+
+
+def pure_params(params: Any) -> Params:
+    """An nnx.State of params -> its nested dict of arrays (a pure dict is returned as is)."""
+    if not isinstance(params, nnx.State):
+        return params
+    # nnx.to_pure_dict is the newer spelling (the State method is deprecated in flax 0.12).
+    to_pure = getattr(nnx, "to_pure_dict", None)
+    return to_pure(params) if to_pure else params.to_pure_dict()
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+    """(graphdef, params as a pure dict) of a model whose variables are all nnx.Param."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, pure_params(params)
+
+
+def model_from_params(graphdef: nnx.GraphDef, params: Params) -> nnx.Module:
+    """The NNX module for `params`; call it inside a traced function (builds Variables)."""
+    return nnx.merge(graphdef, params)
+
 
 @flax.struct.dataclass
 class TrainState:
-    params: Any  # nnx.State of the model's nnx.Param variables
-    opt_state: Any
+    params: Any  # Params: nested dict of jax.Array
+    opt_state: Any  # optax state over a few flat buffers (NamedTuples of arrays)
     step: jax.Array  # [] int32: optimizer steps taken
     first_bad_step: jax.Array  # [] int32: first step with a non-finite loss/gradient, or -1
+    # [] float32, starts at 1: multiplies both groups' updates when decay="validation_plateau";
+    # a host-side controller changes it between steps with state.replace(lr_scale=...).
+    lr_scale: jax.Array
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
-        return cls(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
+        params = pure_params(params)
+        return cls(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
+                   jnp.ones((), jnp.float32))
+
+
+def update_args(decay: str, state: TrainState, loss: jax.Array) -> dict[str, jax.Array]:
+    """The extra arguments `tx.update` needs for the decay (optim.make_optimizer)."""
+    if decay == "plateau":
+        return {"value": loss}
+    if decay == "validation_plateau":
+        return {"lr_scale": state.lr_scale}
+    return {}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    uses_plateau_value: bool = False) -> Callable:
-    """Builds train_step(state, batch, base_key) for a model split as (graphdef, params)."""
+                    decay: str = "none") -> Callable:
+    """Builds train_step(state, batch, base_key) for a model split as (graphdef, params).
+
+    `decay` is config.optim.decay: it says which extra arguments the optimizer update takes.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)  # resumable: the key depends on the step
 
         def loss_fn(params):
-            out = nnx.merge(graphdef, params)(batch, key, state.step, train=True)
+            out = model_from_params(graphdef, params)(batch, key, state.step, train=True)
             return out.loss, out.metrics
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        extra = {"value": loss} if uses_plateau_value else {}
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                       **update_args(decay, state, loss))
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        # A non-finite step changes nothing: the select sits in the update's own fusion.
+        params = jax.tree.map(lambda p, u: jnp.where(finite, (p + u).astype(p.dtype), p),
+                              state.params, updates)
+        opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state,
+                                 state.opt_state)
         first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step,
                               state.first_bad_step)
-        new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
-                               state.step + 1, first_bad)
+        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
+                                  first_bad_step=first_bad)
         metrics = dict(metrics, grad_norm=grad_norm)
         return new_state, metrics
 

@@ -17,15 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 
-from fixed_slots import configlib, models
+from fixed_slots import configlib
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.eval import visualize
 from fixed_slots.train import sharding
 from fixed_slots.train.checkpoint import Checkpointer
-from fixed_slots.train.optim import learning_rates, make_optimizer
-from fixed_slots.train.train_step import TrainState, make_train_step
+from fixed_slots.train.optim import learning_rates
+from fixed_slots.train.state import TrainState, build, model_from_params
 from fixed_slots.train.writers import ProgressLine, create_writer
 
 
@@ -90,24 +89,6 @@ class _StopFlag:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def build(config: ml_collections.ConfigDict, mesh, donate: bool = True):
-    """Model graph, initial params, optimizer and the jitted train step.
-
-    `donate` lets the step write the new state into the old state's buffers (no second copy of
-    params and optimiser state); False only for the before/after memory benchmark.
-    """
-    model = models.create(config, rngs=nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(config.optim, params)
-    state = TrainState.create(params, tx)
-    state = sharding.replicate(state, mesh)
-    step_fn = make_train_step(graphdef, tx, uses_plateau_value=config.optim.decay == "plateau")
-    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                     donate_argnums=(0,) if donate else ())
-    return graphdef, state, jitted
 
 
 def _check_finite(state: TrainState, ckpt_dir: str) -> None:
@@ -214,7 +195,7 @@ class _Diagnostics:
         self._images = jax.jit(self._images_fn, out_shardings=repl)
 
     def _model(self, params):
-        return nnx.merge(self.graphdef, params)
+        return model_from_params(self.graphdef, params)
 
     def _jacobian_fn(self, params, image, key):
         from fixed_slots.models.common import slot_jacobian_spectral_norm
