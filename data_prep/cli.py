@@ -1,12 +1,17 @@
 """Command line: build the TFDS (array_record) datasets from local copies of their official files.
 
-    python -m data_prep build NAME --source=DIR --data_dir=DIR [--max_examples N]
+    python -m data_prep build NAME --source=DIR [--data_dir=DIR] [--max_examples N]
                                    [--split_name S] [--overwrite]
     python -m data_prep list
 
 NAME is one of clevr_mirror, shapestacks, coco, clevr_with_masks; --source is the dataset's
 official layout on local disk (see `list`), --data_dir the TFDS root that training reads through
-`config.data.data_dir`. Nothing is downloaded and TensorFlow is not needed.
+`config.data.data_dir`; both default to TFDS's convention: $TFDS_DATA_DIR, else
+~/tensorflow_datasets. Nothing is downloaded and TensorFlow is not needed.
+
+Every image and mask is decoded while building; a missing, malformed or corrupt file stops the
+build with one line naming it and exit status 2 (nothing is left half-built: TFDS writes into a
+temporary directory and renames it when done).
 """
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import shutil
 import sys
 from typing import Sequence
 
-from data_prep.builders import BUILDERS, SourceLayoutError, builder_class, builder_module
+from data_prep.builders import BUILDERS, builder_class, builder_module
+from fixed_slots.data.sources import default_data_dir
+from fixed_slots.errors import DataError
 
 
 def build(
     name: str,
     source: str,
-    data_dir: str,
+    data_dir: str | None = None,
     *,
     max_examples: int | None = None,
     split_name: str | None = None,
@@ -30,14 +37,16 @@ def build(
 ) -> str:
     """Build dataset `name` from `source` into `data_dir`; returns the dataset's version dir.
 
-    Raises SourceLayoutError (naming the missing or malformed file) before writing anything when
-    `source` does not have the expected layout.
+    `data_dir` None means TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets), the
+    directory training reads when config.data.data_dir is unset. Raises SourceLayoutError
+    (naming the missing or malformed file) before writing anything when `source` does not have
+    the expected layout, and BadImageError (naming the file) when an image cannot be decoded.
     """
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     module = builder_module(name)
     source = os.path.abspath(os.path.expanduser(source))
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     kwargs = {}
     if split_name is not None:
         if name != "shapestacks":
@@ -62,6 +71,13 @@ def build(
     return out_dir
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
@@ -71,8 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     b = commands.add_parser("build", help="build one dataset")
     b.add_argument("name", choices=sorted(BUILDERS))
     b.add_argument("--source", required=True, help="local copy in the official layout")
-    b.add_argument("--data_dir", required=True, help="TFDS root to write to (config.data.data_dir)")
-    b.add_argument("--max_examples", type=int, default=None, help="cap per split (for tests)")
+    b.add_argument(
+        "--data_dir", default=None,
+        help="TFDS root to write to (config.data.data_dir); default $TFDS_DATA_DIR, else "
+        "~/tensorflow_datasets",
+    )
+    b.add_argument("--max_examples", type=_positive_int, default=None,
+                   help="cap per split (for tests)")
     b.add_argument("--split_name", default=None, help="shapestacks: folder under splits/")
     b.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
     commands.add_parser("list", help="list the datasets and their expected source layouts")
@@ -80,12 +101,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status (2 for a bad source layout)."""
-    args = _parser().parse_args(argv)
+    """Entry point; returns the process exit status (2 for a bad source layout or file)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "list":
         for name in sorted(BUILDERS):
             print(f"{name}: {builder_module(name).LAYOUT}")
         return 0
+    if args.split_name is not None and args.name != "shapestacks":
+        parser.error("--split_name only applies to shapestacks")  # exits with status 2
     try:
         out_dir = build(
             args.name,
@@ -95,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split_name=args.split_name,
             overwrite=args.overwrite,
         )
-    except SourceLayoutError as e:
+    except DataError as e:  # the user's files: one plain line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"built {args.name} at {out_dir}")

@@ -11,17 +11,25 @@ The builders skip TFDS's name registry (`skip_registration=True`): TFDS ships it
 Images are yielded as encoded bytes (kept as-is when already RGB) or PIL images, never NumPy
 arrays: TFDS encodes NumPy images with TensorFlow. Instance masks are stored as PNG bytes in a
 string feature `mask_png` (b"" when a split has none) and decoded by `fixed_slots.data.sources`.
+
+Every image and mask is decoded in full while building (PNG chunk checksums verified too), so a
+truncated or corrupt file fails the build with a `BadImageError` naming it, instead of passing
+into the dataset and failing training much later.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
 import os
-from typing import Any, Iterable
+import struct
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from fixed_slots.errors import DataError
 
 # name -> (module, class): imported on demand so that `--help` stays fast.
 BUILDERS = {
@@ -32,8 +40,12 @@ BUILDERS = {
 }
 
 
-class SourceLayoutError(FileNotFoundError):
-    """The --source directory does not match the dataset's expected layout."""
+class SourceLayoutError(DataError, FileNotFoundError):
+    """The --source directory does not match the dataset's expected layout (names the file)."""
+
+
+class BadImageError(SourceLayoutError):
+    """An image or mask file in --source cannot be decoded (truncated, corrupt, not an image)."""
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -43,6 +55,18 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # `importlib_resources` backport that Python >= 3.9 installs lack. We download nothing, so
     # there is no checksums file: skip the lookup.
     code_path = None
+
+
+def non_empty(split: str, examples: Iterable[Any], where: str, layout: str) -> Iterator[Any]:
+    """Yields `examples`; a SourceLayoutError naming `where` if there are none (TFDS would
+    fail later with "No examples were yielded" and a traceback)."""
+    count = 0
+    for example in examples:
+        count += 1
+        yield example
+    if not count:
+        raise SourceLayoutError(f"split {split!r} would be empty: {where} gives no examples "
+                                f"({layout})")
 
 
 def builder_module(name: str) -> Any:
@@ -89,8 +113,35 @@ def load_json(path: str, layout: str, required_keys: Iterable[str] = ()) -> Any:
     return data
 
 
-def image_for_tfds(path: str, encoding: str) -> Any:
-    """File bytes when the file is already an RGB `encoding` image, else an RGB PIL image."""
+@contextlib.contextmanager
+def malformed_entry(where: str, layout: str) -> Iterator[None]:
+    """Turns a KeyError/TypeError/ValueError/IndexError raised while reading one entry of an
+    annotation file into a SourceLayoutError naming `where` (file and entry)."""
+    try:
+        yield
+    except DataError:
+        raise  # already names its file
+    except KeyError as e:
+        raise SourceLayoutError(f"{where} lacks the key {e} ({layout})") from e
+    except (TypeError, ValueError, IndexError) as e:
+        raise SourceLayoutError(f"{where} is malformed: {type(e).__name__}: {e} ({layout})") from e
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises on damaged files: OSError (truncated, broken stream, unidentified),
+    SyntaxError (bad PNG checksum), and a few others from its parsers."""
+    import PIL.Image  # pylint: disable=g-import-not-at-top
+
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error,
+            PIL.Image.DecompressionBombError)
+
+
+def decode_image_file(path: str) -> tuple[bytes, Any]:
+    """(file bytes, fully decoded PIL image) of `path`, or a BadImageError naming it.
+
+    `Image.load()` decodes every pixel (catching truncated or broken data); for PNG, `verify()`
+    also checks every chunk's CRC and the end marker, which decoding alone does not.
+    """
     import PIL.Image  # pylint: disable=g-import-not-at-top
 
     if not os.path.isfile(path):
@@ -98,24 +149,50 @@ def image_for_tfds(path: str, encoding: str) -> Any:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        img = PIL.Image.open(io.BytesIO(data))  # lazy: reads the header only
-        if img.format == encoding.upper() and img.mode in ("RGB", "L"):
-            return data  # grayscale is expanded to 3 channels when decoded
-        return img.convert("RGB")
-    except PIL.UnidentifiedImageError as e:
-        raise SourceLayoutError(f"{path} is not a readable image: {e}") from e
+        with PIL.Image.open(io.BytesIO(data)) as probe:
+            if probe.format == "PNG":
+                probe.verify()
+        img = PIL.Image.open(io.BytesIO(data))
+        img.load()
+    except _decode_errors() as e:
+        if isinstance(e, PIL.UnidentifiedImageError):  # its message names a BytesIO object
+            reason = "not a readable image: empty, cut short in its header, or another format"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        raise BadImageError(
+            f"{path} cannot be decoded ({reason}); replace or remove the file and build again"
+        ) from e
+    if img.width < 1 or img.height < 1:
+        raise BadImageError(f"{path} has no pixels ({img.width}x{img.height})")
+    return data, img
+
+
+def image_for_tfds(path: str, encoding: str) -> tuple[Any, tuple[int, int]]:
+    """(payload, (height, width)) of the image at `path`, decoded and checked in full.
+
+    The payload is the file's bytes when it already is an RGB or grayscale `encoding` image
+    (grayscale is expanded to 3 channels when read back), else an RGB PIL image for TFDS to
+    encode. Raises BadImageError naming the file when it cannot be decoded.
+    """
+    data, img = decode_image_file(path)
+    size = (img.height, img.width)
+    if img.format == encoding.upper() and img.mode in ("RGB", "L"):
+        return data, size
+    return img.convert("RGB"), size  # RGBA, palette, CMYK, 16-bit gray, ...
 
 
 def read_png_ids(path: str) -> np.ndarray:
-    """A uint8 [h, w] instance-id PNG ('L' or 'P' mode; RGB(A) must be gray)."""
-    import PIL.Image  # pylint: disable=g-import-not-at-top
-
-    with PIL.Image.open(path) as img:
-        arr = np.asarray(img)
+    """A uint8 [h, w] instance-id PNG ('L' or 'P' mode; RGB(A) must be gray); errors name it."""
+    _, img = decode_image_file(path)
+    arr = np.asarray(img)
     if arr.ndim == 3:
         if not (arr[..., :3] == arr[..., :1]).all():
             raise SourceLayoutError(f"{path}: expected a single-channel uint8 instance-id PNG")
         arr = arr[..., 0]
+    if arr.dtype != np.uint8 and (arr.min() < 0 or arr.max() > 255):
+        raise SourceLayoutError(
+            f"{path}: instance ids must lie in 0..255, found {arr.min()}..{arr.max()}"
+        )
     return arr.astype(np.uint8)
 
 

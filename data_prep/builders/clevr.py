@@ -33,6 +33,8 @@ from data_prep.builders import (
     encode_png,
     image_for_tfds,
     load_json,
+    malformed_entry,
+    non_empty,
     read_png_ids,
     require_dir,
     require_file,
@@ -122,59 +124,71 @@ class ClevrWithMasks(LocalBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         plan = validate_source(os.fspath(dl_manager.manual_dir))
-        return {split: self._generate_examples(*paths) for split, paths in plan.items()}
+        return {
+            split: non_empty(split, self._generate_examples(*paths), paths[1], LAYOUT)
+            for split, paths in plan.items()
+        }
 
     def _generate_examples(
         self, image_dir: str, scenes_path: str, mask_dir: str | None
     ) -> Iterator[tuple[str, dict]]:
-        import PIL.Image  # pylint: disable=g-import-not-at-top
-
         scenes = load_json(scenes_path, LAYOUT, ("scenes",))["scenes"]
         skipped = 0
-        for scene in scenes:
-            num = len(scene["objects"])
-            if num > CLEVR_MAX_OBJECTS:
+        for i, scene in enumerate(scenes):
+            with malformed_entry(f"{scenes_path}: scenes[{i}]", LAYOUT):
+                example = self._example(image_dir, scenes_path, mask_dir, scene)
+            if example is None:
                 skipped += 1
-                continue
-            filename = scene["image_filename"]
-            path = os.path.join(image_dir, filename)
-            if not os.path.isfile(path):
-                raise SourceLayoutError(
-                    f"{scenes_path} lists {filename} but {path} does not exist ({LAYOUT})"
-                )
-            props = _object_properties(scene, scenes_path)
-            visible = props["present"].copy()
-            mask_png = b""
-            if mask_dir is not None:
-                mask_path = os.path.join(mask_dir, os.path.splitext(filename)[0] + ".png")
-                if not os.path.isfile(mask_path):
-                    raise SourceLayoutError(
-                        f"expected instance mask {mask_path} for {filename}: masks are "
-                        f"all-or-nothing per split ({LAYOUT})"
-                    )
-                ids = read_png_ids(mask_path)  # [h, w]
-                with PIL.Image.open(path) as img:
-                    if ids.shape != (img.height, img.width):
-                        raise SourceLayoutError(
-                            f"{mask_path} is {ids.shape[1]}x{ids.shape[0]}, its image "
-                            f"{path} is {img.width}x{img.height}"
-                        )
-                if int(ids.max()) > num:
-                    raise SourceLayoutError(
-                        f"{mask_path} has instance id {int(ids.max())} but the scene has "
-                        f"{num} objects (ids must be 0 = background, 1..{num})"
-                    )
-                counts = np.bincount(ids.ravel(), minlength=CLEVR_MAX_OBJECTS + 1)[1:]
-                visible *= (counts[:CLEVR_MAX_OBJECTS] >= MIN_VISIBLE_PIXELS).astype(np.float32)
-                mask_png = encode_png(ids)
-            yield filename, {
-                "image": image_for_tfds(path, "png"),
-                "filename": filename,
-                "mask_png": mask_png,
-                "num_objects": num,
-                **props,
-                "visible": visible,
-            }
+            else:
+                yield example["filename"], example
         if skipped:
             logging.info("%s: skipped %d scenes with > %d objects", scenes_path, skipped,
                          CLEVR_MAX_OBJECTS)
+
+    def _example(
+        self, image_dir: str, scenes_path: str, mask_dir: str | None, scene: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """One scene's features (None: more than 10 objects); KeyError/TypeError/ValueError on
+        a malformed scene (the caller names it)."""
+        num = len(scene["objects"])
+        if num > CLEVR_MAX_OBJECTS:
+            return None
+        filename = scene["image_filename"]
+        path = os.path.join(image_dir, filename)
+        if not os.path.isfile(path):
+            raise SourceLayoutError(
+                f"{scenes_path} lists {filename} but {path} does not exist ({LAYOUT})"
+            )
+        image, size = image_for_tfds(path, "png")  # decoded and checked in full
+        props = _object_properties(scene, scenes_path)
+        visible = props["present"].copy()
+        mask_png = b""
+        if mask_dir is not None:
+            mask_path = os.path.join(mask_dir, os.path.splitext(filename)[0] + ".png")
+            if not os.path.isfile(mask_path):
+                raise SourceLayoutError(
+                    f"expected instance mask {mask_path} for {filename}: masks are "
+                    f"all-or-nothing per split ({LAYOUT})"
+                )
+            ids = read_png_ids(mask_path)  # [h, w]
+            if ids.shape != size:
+                raise SourceLayoutError(
+                    f"{mask_path} is {ids.shape[1]}x{ids.shape[0]}, its image "
+                    f"{path} is {size[1]}x{size[0]}"
+                )
+            if int(ids.max()) > num:
+                raise SourceLayoutError(
+                    f"{mask_path} has instance id {int(ids.max())} but the scene has "
+                    f"{num} objects (ids must be 0 = background, 1..{num})"
+                )
+            counts = np.bincount(ids.ravel(), minlength=CLEVR_MAX_OBJECTS + 1)[1:]
+            visible *= (counts[:CLEVR_MAX_OBJECTS] >= MIN_VISIBLE_PIXELS).astype(np.float32)
+            mask_png = encode_png(ids)
+        return {
+            "image": image,
+            "filename": filename,
+            "mask_png": mask_png,
+            "num_objects": num,
+            **props,
+            "visible": visible,
+        }

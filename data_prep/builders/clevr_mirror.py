@@ -33,6 +33,13 @@ def validate_source(source: str) -> dict[str, list[str]]:
     for split, names in _SUBFOLDERS.items():
         folders = [os.path.join(source, n) for n in names if os.path.isdir(os.path.join(source, n))]
         found[split] = folders[0] if folders else None
+    if any(found.values()) and not all(found.values()):
+        # Globbing the whole tree would silently mix the present split folders into all splits.
+        absent = [f"{_SUBFOLDERS[s][0]}/" for s, folder in found.items() if folder is None]
+        raise SourceLayoutError(
+            f"{source} has split folders but no {' or '.join(absent)}: give all three "
+            f"(train/, val/, test/) or none ({LAYOUT})"
+        )
     if all(found.values()):
         splits = {split: _pngs(folder) for split, folder in found.items()}
         empty = [found[s] for s, paths in splits.items() if not paths]
@@ -40,16 +47,21 @@ def validate_source(source: str) -> dict[str, list[str]]:
             raise SourceLayoutError(f"expected *.png images in {empty[0]} ({LAYOUT})")
         return splits
     paths = _pngs(source)
-    if len(paths) < 3:
-        raise SourceLayoutError(
-            f"expected *.png images under {source}, found {len(paths)} ({LAYOUT})"
-        )
+    if not paths:
+        raise SourceLayoutError(f"expected *.png images under {source}, found none ({LAYOUT})")
     n = len(paths)
-    return {
+    splits = {
         "train": paths[: int(n * 0.7)],
         "validation": paths[int(n * 0.7) : int(n * 0.85)],
         "test": paths[int(n * 0.85) :],
     }
+    empty = [split for split, split_paths in splits.items() if not split_paths]
+    if empty:
+        raise SourceLayoutError(
+            f"the 70/15/15 split of the {n} images under {source} leaves {empty[0]!r} empty: "
+            f"give at least 4 images ({LAYOUT})"
+        )
+    return splits
 
 
 class ClevrMirror(LocalBuilder, skip_registration=True):
@@ -79,4 +91,5 @@ class ClevrMirror(LocalBuilder, skip_registration=True):
     def _generate_examples(self, source: str, paths: list[str]) -> Iterator[tuple[str, dict]]:
         for path in paths:
             rel = os.path.relpath(path, source)
-            yield rel, {"image": image_for_tfds(path, "png"), "filename": rel}
+            image, _ = image_for_tfds(path, "png")  # decoded and checked: names a bad file
+            yield rel, {"image": image, "filename": rel}

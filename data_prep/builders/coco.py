@@ -28,6 +28,8 @@ from data_prep.builders import (
     encode_png,
     image_for_tfds,
     load_json,
+    malformed_entry,
+    non_empty,
     require_dir,
     require_file,
 )
@@ -165,39 +167,54 @@ class Coco(LocalBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         plan = validate_source(os.fspath(dl_manager.manual_dir))
-        return {split: self._generate_examples(*paths) for split, paths in plan.items()}
+        return {
+            split: non_empty(split, self._generate_examples(*paths), paths[1], LAYOUT)
+            for split, paths in plan.items()
+        }
 
     def _generate_examples(self, image_dir: str, ann_path: str) -> Iterator[tuple[str, dict]]:
         data = load_json(ann_path, LAYOUT, ("images", "annotations"))
         by_image = collections.defaultdict(list)
-        for ann in data["annotations"]:
-            by_image[ann["image_id"]].append(ann)
-        for info in sorted(data["images"], key=lambda im: im["id"]):
-            height, width = int(info["height"]), int(info["width"])
-            path = os.path.join(image_dir, info["file_name"])
-            if not os.path.isfile(path):
-                raise SourceLayoutError(
-                    f"{ann_path} lists {info['file_name']} but {path} does not exist ({LAYOUT})"
-                )
-            anns = sorted(by_image[info["id"]], key=lambda a: (-float(a["area"]), a["id"]))
-            anns = anns[:MAX_INSTANCES]
-            ids = np.zeros((height, width), np.uint8)  # [h, w]
-            for k, ann in enumerate(anns):
-                try:
-                    ids[segmentation_to_mask(ann["segmentation"], height, width)] = k + 1
-                except (ValueError, KeyError, TypeError) as e:
-                    raise SourceLayoutError(
-                        f"{ann_path}: annotation {ann.get('id')} of image {info['id']}: {e}"
-                    ) from e
-            yield info["file_name"], {
-                "image": image_for_tfds(path, "jpeg"),
-                "image_id": int(info["id"]),
-                "filename": info["file_name"],
-                "mask_png": encode_png(ids),
-                "objects": {
-                    "category_id": np.asarray([a["category_id"] for a in anns], np.int32),
-                    "is_crowd": np.asarray([a.get("iscrowd", 0) for a in anns], np.int32),
-                    "area": np.asarray([a["area"] for a in anns], np.float32),
-                    "bbox": np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4),
-                },
-            }
+        for i, ann in enumerate(data["annotations"]):
+            with malformed_entry(f"{ann_path}: annotations[{i}]", LAYOUT):
+                by_image[ann["image_id"]].append(ann)
+        with malformed_entry(f"{ann_path}: an entry of 'images'", LAYOUT):
+            images = sorted(data["images"], key=lambda im: im["id"])
+        for info in images:
+            with malformed_entry(f"{ann_path}: image {info.get('id')}", LAYOUT):
+                example = self._example(image_dir, ann_path, info, by_image[info["id"]])
+            yield info["file_name"], example
+
+    def _example(
+        self, image_dir: str, ann_path: str, info: dict[str, Any], anns: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One image's features; KeyError/TypeError on a malformed entry (caller names it)."""
+        height, width = int(info["height"]), int(info["width"])
+        path = os.path.join(image_dir, info["file_name"])
+        if not os.path.isfile(path):
+            raise SourceLayoutError(
+                f"{ann_path} lists {info['file_name']} but {path} does not exist ({LAYOUT})"
+            )
+        image, size = image_for_tfds(path, "jpeg")  # decoded and checked in full
+        if size != (height, width):  # the masks are drawn at the annotated size
+            raise SourceLayoutError(
+                f"{path} is {size[1]}x{size[0]} but {ann_path} says {width}x{height}"
+            )
+        anns = sorted(anns, key=lambda a: (-float(a["area"]), a["id"]))[:MAX_INSTANCES]
+        ids = np.zeros((height, width), np.uint8)  # [h, w]
+        for k, ann in enumerate(anns):
+            with malformed_entry(f"{ann_path}: annotation {ann.get('id')} of image "
+                                 f"{info['id']}", LAYOUT):
+                ids[segmentation_to_mask(ann["segmentation"], height, width)] = k + 1
+        return {
+            "image": image,
+            "image_id": int(info["id"]),
+            "filename": info["file_name"],
+            "mask_png": encode_png(ids),
+            "objects": {
+                "category_id": np.asarray([a["category_id"] for a in anns], np.int32),
+                "is_crowd": np.asarray([a.get("iscrowd", 0) for a in anns], np.int32),
+                "area": np.asarray([a["area"] for a in anns], np.float32),
+                "bbox": np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4),
+            },
+        }

@@ -70,6 +70,8 @@ def validate_source(source: str, split_name: str | None = None) -> dict[str, lis
             if not images:
                 raise SourceLayoutError(f"expected rgb-*-mono-0.png images in {folder} ({LAYOUT})")
             items.extend((scenario, os.path.join(folder, n)) for n in images)
+        if not items:
+            raise SourceLayoutError(f"{list_file} lists no scenarios ({LAYOUT})")
         plan[split] = items
     return plan
 
@@ -105,8 +107,9 @@ class Shapestacks(LocalBuilder, skip_registration=True):
     def _generate_examples(self, items: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
         for scenario, path in items:
             name = os.path.basename(path)
+            image, _ = image_for_tfds(path, "png")  # decoded and checked: names a bad file
             yield f"{scenario}/{name}", {
-                "image": image_for_tfds(path, "png"),
+                "image": image,
                 "scenario": scenario,
                 "filename": name,
             }
