@@ -3,10 +3,12 @@ import hashlib
 
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 
 from fixed_slots.data import pipeline, sources
 from fixed_slots.data.synthetic import TARGET_DIM
+from fixed_slots.errors import ConfigError, DataError
 
 
 def _config(**overrides):
@@ -100,7 +102,7 @@ def test_worker_processes_give_the_same_batches():
 
 
 def test_batch_size_must_split_over_hosts():
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ConfigError, match="batch size 6 must be a positive multiple of .* 4"):
         pipeline.make_loader(_config(), "train", global_batch_size=6, shard_count=4, seed=0)
 
 
@@ -119,8 +121,39 @@ def test_preprocess_crops_and_resizes():
     assert set(np.unique(squashed["mask"])) == {0, 1, 3}  # nearest: no blended ids
     crop_box = pipeline._crop_box  # pylint: disable=protected-access
     assert crop_box(320, 480, "clevr") == (29, 221, 64, 256)
-    with pytest.raises(ValueError, match="crop"):
+    with pytest.raises(ConfigError, match="config.data.crop='random'"):
         pipeline.Preprocess(10, "random", None)
+
+
+def _official_slate_image(array, size):
+    """The SLATE authors' image loader (`GlobDataset` in singhgautam/sysbinder, steve), step by
+    step: Image.convert("RGB").resize((size, size)) with PIL's default filter, then
+    torchvision's ToTensor (uint8 / 255, here kept channels-last)."""
+    img = PIL.Image.fromarray(array).convert("RGB").resize((size, size))
+    return np.asarray(img, np.float32) / 255.0
+
+
+def test_crop_none_is_the_official_slate_loader_on_a_non_square_image():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 52, 3), dtype=np.uint8)  # non-square, like COCO frames
+    out = pipeline.preprocess_example({"image": image}, image_size=12, crop="none")
+    expected = _official_slate_image(image, 12)  # squashed, not cropped
+    assert out["image"].dtype == np.float32 and out["image"].shape == (12, 12, 3)
+    np.testing.assert_array_equal(out["image"], expected)
+    # The filter is bicubic (PIL's default for RGB), not bilinear or nearest.
+    bilinear = np.asarray(
+        PIL.Image.fromarray(image).resize((12, 12), PIL.Image.Resampling.BILINEAR), np.float32
+    ) / 255.0
+    assert not np.array_equal(out["image"], bilinear)
+    # "center" is the official loader applied to the centred 30 x 30 square (cols 11:41).
+    centre = pipeline.preprocess_example({"image": image}, image_size=12, crop="center")
+    np.testing.assert_array_equal(centre["image"], _official_slate_image(image[:, 11:41], 12))
+    assert not np.array_equal(centre["image"], out["image"])
+    # A square image needs no resize and is the same under every crop: x / 255 exactly.
+    square = image[:, :30]
+    for crop in ("none", "center"):
+        same = pipeline.preprocess_example({"image": square}, image_size=30, crop=crop)
+        np.testing.assert_array_equal(same["image"], square.astype(np.float32) / 255.0)
 
 
 def test_missing_tfds_dataset_says_how_to_build(tmp_path):
@@ -130,7 +163,8 @@ def test_missing_tfds_dataset_says_how_to_build(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "coco") in msg
     assert f"python -m data_prep build coco --source=DIR --data_dir={tmp_path}" in msg
-    with pytest.raises(ValueError, match="unknown config.data.name"):
+    assert isinstance(err.value, DataError) and isinstance(err.value, FileNotFoundError)
+    with pytest.raises(ConfigError, match="config.data.name='mnist' is not a dataset"):
         sources.get_source(_config(name="mnist").data, "train")
 
 

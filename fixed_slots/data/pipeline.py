@@ -5,16 +5,24 @@
     state = it.get_state()        # bytes; it.set_state(state) on a fresh loader resumes exactly
 
 Batch keys (B = global_batch_size // shard_count, S = config.data.image_size):
-    image     float32 [B, S, S, 3] in [0, 1]   (SLATE: PIL resize, then ToTensor)
+    image     float32 [B, S, S, 3] in [0, 1]   (PIL resize, then /255 as torchvision's ToTensor)
     mask      int32   [B, S, S]                 when the source has instance masks
     target    float32 [B, K, D]                 when the source has object properties
     shape, color, size, (material), num_objects int32; position, visible, (scale) float32;
     category, is_crowd int32 (coco)
 
-Preprocessing follows the official SLATE loaders: crop (config.data.crop), resize to S x S with
-PIL's default bicubic filter (masks: nearest neighbour), scale to [0, 1]. Crop modes:
-    "center"  largest centred square (COCO; a no-op for square ShapeStacks/synthetic images)
-    "none"    no crop: non-square images are squashed, as SLATE does for CLEVR-Mirror
+Preprocessing: crop (config.data.crop), resize to S x S with PIL's bicubic filter (masks: nearest
+neighbour), scale to [0, 1]. What the official code does, read from the SLATE authors' released
+loaders: singhgautam/slate ships only a 3D Shapes loader (64x64 HDF5 images, no resize, /255);
+their image-folder loader (`GlobDataset` in singhgautam/sysbinder and steve, the CLEVR-Mirror
+style folders) does `Image.open(p).convert("RGB").resize((S, S))` then `ToTensor()`: no crop,
+PIL's default filter (bicubic for RGB images since Pillow 7), values in [0, 1], no
+normalisation. No released SLATE code loads ShapeStacks or COCO. Crop modes:
+    "none"    the official behaviour: no crop, a non-square image is squashed to S x S
+              (CLEVR-Mirror; ShapeStacks' 224x224 renders and the synthetic scenes are square,
+              so any mode gives the same pixels there)
+    "center"  largest centred square, then resize: keeps the aspect ratio; our choice for COCO,
+              which no official SLATE loader covers
     "clevr"   rows 29:221, cols 64:256 of a 320x480 CLEVR frame, scaled to the actual size
               (Locatello et al.'s slot-attention crop)
 Object properties (`position` ...) are passed through unchanged by crops.
@@ -36,8 +44,11 @@ from absl import flags
 from fixed_slots.data import sources
 from fixed_slots.data.sampler import ProcessSliceSampler
 from fixed_slots.data.synthetic import TargetLayout, properties_to_target
+from fixed_slots.errors import ConfigError, DataError
 
 CROP_MODES = ("center", "none", "clevr")
+# Datasets whose records carry per-object `visible` flags (config.data.max_visible_objects).
+_DATASETS_WITH_VISIBLE = ("synthetic", "clevr_with_masks")
 # Locatello et al. crop a 320x480 CLEVR frame to rows 29:221 and cols 64:256.
 _CLEVR_CROP = (29 / 320, 221 / 320, 64 / 480, 256 / 480)
 
@@ -53,7 +64,7 @@ def _crop_box(height: int, width: int, crop: str) -> tuple[int, int, int, int]:
     if crop == "clevr":
         t, b, l, r = _CLEVR_CROP
         return round(t * height), round(b * height), round(l * width), round(r * width)
-    raise ValueError(f"unknown crop {crop!r}; expected one of {CROP_MODES}")
+    raise ConfigError(f"config.data.crop={crop!r} is not a crop mode; expected one of {CROP_MODES}")
 
 
 def _resize(array: np.ndarray, size: int, *, nearest: bool) -> np.ndarray:
@@ -62,7 +73,8 @@ def _resize(array: np.ndarray, size: int, *, nearest: bool) -> np.ndarray:
 
     if array.shape[0] == size and array.shape[1] == size:
         return array
-    # SLATE calls image.resize((s, s)) whose default filter is bicubic; ids need nearest.
+    # The official loader calls image.resize((s, s)): PIL's default for RGB is bicubic.
+    # Instance ids need nearest neighbour (no blended ids).
     resample = PIL.Image.Resampling.NEAREST if nearest else PIL.Image.Resampling.BICUBIC
     return np.asarray(PIL.Image.fromarray(array).resize((size, size), resample=resample))
 
@@ -90,12 +102,21 @@ def preprocess_example(
     return out
 
 
+def check_preprocess_options(image_size: int, crop: str) -> None:
+    """ConfigError naming config.data.crop / image_size when they cannot be used."""
+    if crop not in CROP_MODES:
+        raise ConfigError(
+            f"config.data.crop={crop!r} is not a crop mode; expected one of {CROP_MODES}"
+        )
+    if int(image_size) < 1:
+        raise ConfigError(f"config.data.image_size={image_size} must be a positive integer")
+
+
 class Preprocess(grain.MapTransform):
     """grain map transform around `preprocess_example` (picklable for worker processes)."""
 
     def __init__(self, image_size: int, crop: str, target_layout: TargetLayout | None):
-        if crop not in CROP_MODES:
-            raise ValueError(f"unknown config.data.crop {crop!r}; expected one of {CROP_MODES}")
+        check_preprocess_options(image_size, crop)
         self.image_size = int(image_size)
         self.crop = crop
         self.target_layout = target_layout
@@ -136,7 +157,17 @@ class DataIterator:
             state = json.dumps(state)
         if isinstance(state, str):
             state = state.encode()
-        self._iterator.set_state(state)
+        try:
+            self._iterator.set_state(state)
+        except (ValueError, KeyError, TypeError) as e:
+            # grain compares the stored sampler and source with this loader's: a mismatch means
+            # the dataset, split, seed, shuffling, epochs or host count changed since the save.
+            detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise DataError(
+                "the saved data-iterator state does not fit this data loader: the dataset, its "
+                "size, the split, the seed or the host count changed since it was saved\n"
+                f"({type(e).__name__}: {detail[:400]})"
+            ) from e
 
     @property
     def grain_iterator(self) -> grain.PyGrainDatasetIterator:
@@ -145,16 +176,32 @@ class DataIterator:
 
 
 class KeepAtMostObjects(grain.FilterTransform):
-    """Keeps examples with at most `limit` visible objects (CLEVR6: `max_n_objects=6`)."""
+    """Keeps examples with at most `limit` visible objects (CLEVR6: `max_n_objects=6`).
 
-    def __init__(self, limit: int):
+    A limit that rejects every record would make grain loop forever with one log warning;
+    after `max_consecutive_rejects` rejections in a row this raises a DataError instead.
+    """
+
+    def __init__(self, limit: int, *, where: str = "this dataset",
+                 max_consecutive_rejects: int = 1000):
         self.limit = int(limit)
+        self.where = where
+        self.max_consecutive_rejects = int(max_consecutive_rejects)
+        self._rejected = 0  # per process: each grain worker holds its own copy
 
     def filter(self, element: dict[str, np.ndarray]) -> bool:
-        if "visible" not in element:
-            raise ValueError("config.data.max_visible_objects needs per-object 'visible' flags; "
-                             "this dataset has none")
-        return int(np.sum(element["visible"] > 0)) <= self.limit
+        if "visible" not in element:  # make_loader checks this up front for known datasets
+            raise ConfigError("config.data.max_visible_objects needs per-object 'visible' flags; "
+                              f"{self.where} has none")
+        keep = int(np.sum(element["visible"] > 0)) <= self.limit
+        self._rejected = 0 if keep else self._rejected + 1
+        if self._rejected >= self.max_consecutive_rejects:
+            raise DataError(
+                f"config.data.max_visible_objects={self.limit} rejected the last "
+                f"{self._rejected} records of {self.where} in a row: it keeps (almost) nothing; "
+                f"raise it or leave it unset"
+            )
+        return keep
 
 
 def make_loader(
@@ -177,13 +224,36 @@ def make_loader(
     ensure_absl_flags_parsed()
     shard_index = jax.process_index() if shard_index is None else int(shard_index)
     shard_count = jax.process_count() if shard_count is None else int(shard_count)
-    if global_batch_size % shard_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by {shard_count} hosts"
+    if global_batch_size < 1 or global_batch_size % shard_count:
+        raise ConfigError(
+            f"batch size {global_batch_size} must be a positive multiple of the number of hosts "
+            f"(JAX processes), {shard_count}"
         )
     per_host_batch = global_batch_size // shard_count
     data = config.data
+    num_workers = int(data.get("num_workers", 0))
+    if num_workers < 0:
+        raise ConfigError(f"config.data.num_workers={num_workers} must be >= 0 (0: in-process)")
+    max_visible = data.get("max_visible_objects")
+    if max_visible is not None:
+        if int(max_visible) < 1:
+            raise ConfigError(f"config.data.max_visible_objects={max_visible} must be >= 1")
+        if data.name not in _DATASETS_WITH_VISIBLE:
+            raise ConfigError(
+                f"config.data.max_visible_objects needs per-object 'visible' flags, which "
+                f"dataset {data.name!r} has not (only {_DATASETS_WITH_VISIBLE})"
+            )
+    image_size, crop = int(data.image_size), str(data.get("crop", "center"))
+    check_preprocess_options(image_size, crop)  # config mistakes before any data is opened
     source = sources.get_source(data, split)
+    # Checked before the loader (and its worker processes) is built.
+    batches_per_epoch = len(source) // shard_count // per_host_batch
+    if batches_per_epoch == 0:
+        raise DataError(
+            f"dataset {data.name!r} split {sources.canonical_split(split)!r} has {len(source)} "
+            f"records: fewer than one batch of {per_host_batch} per host over {shard_count} "
+            f"host(s); use a smaller batch size or more data"
+        )
     if shuffle is None:
         shuffle = sources.canonical_split(split) == "train"
     sampler = ProcessSliceSampler(
@@ -195,26 +265,17 @@ def make_loader(
         num_epochs=num_epochs,
         seed=int(seed),
     )
-    operations = [
-        Preprocess(
-            int(data.image_size), str(data.get("crop", "center")), sources.target_layout(source)
-        ),
-    ]
-    if data.get("max_visible_objects") is not None:
+    operations = [Preprocess(image_size, crop, sources.target_layout(source))]
+    if max_visible is not None:
         # Filtering makes batches_per_epoch an upper bound; the stream itself stays exact.
-        operations.append(KeepAtMostObjects(data.max_visible_objects))
+        where = f"dataset {data.name!r} split {sources.canonical_split(split)!r}"
+        operations.append(KeepAtMostObjects(max_visible, where=where))
     operations.append(grain.Batch(per_host_batch, drop_remainder=True))
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=operations,
-        worker_count=int(data.get("num_workers", 0)),
+        worker_count=num_workers,
         shard_options=grain.NoSharding(),  # the sampler picks this host's records
     )
-    batches_per_epoch = len(source) // shard_count // per_host_batch
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"split {split!r} has {len(source)} records: fewer than one batch of "
-            f"{per_host_batch} per host over {shard_count} hosts"
-        )
     return DataIterator(loader, batches_per_epoch)

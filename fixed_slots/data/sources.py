@@ -13,7 +13,9 @@
 
 Config keys read from `config.data` (an ml_collections ConfigDict):
     name          "synthetic" | "clevr_mirror" | "shapestacks" | "coco" | "clevr_with_masks"
-    data_dir      root that `python -m data_prep build NAME --data_dir=DIR` wrote to (TFDS datasets)
+    data_dir      root that `python -m data_prep build NAME --data_dir=DIR` wrote to (TFDS
+                  datasets); None or "" means TFDS's convention: $TFDS_DATA_DIR, else
+                  ~/tensorflow_datasets (also `data_prep build`'s default)
     image_size    int, side of the square images the pipeline produces
     seed          synthetic scene seed
     num_train     synthetic only: number of training scenes
@@ -28,16 +30,24 @@ what `tfds.data_source(name, split=..., data_dir=...)` does once it has found th
 locate the directory ourselves because `tfds.data_source("coco")` resolves to TFDS's own built-in
 COCO builder (a different layout and a TensorFlow import), and because a missing dataset then gets
 an error that says how to build it. Reading is array_record + NumPy: no TensorFlow.
+
+Failures are `fixed_slots.errors.DataError`s that name what to fix: a dataset not built (the
+directory looked in and the exact `data_prep build` command), unreadable metadata (the file and
+the rebuild command), a missing split, and a record that cannot be decoded or has the wrong shape
+(dataset, split, record index). They are raised where the record is read, in grain worker
+processes too, and grain re-raises them unchanged in the training process.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Any, Protocol
 
 import numpy as np
 
 from fixed_slots.data.synthetic import SyntheticScenes, TargetLayout
+from fixed_slots.errors import ConfigError, DataError
 
 DATASETS = ("synthetic", "clevr_mirror", "shapestacks", "coco", "clevr_with_masks")
 SPLIT_ALIASES = {
@@ -76,8 +86,12 @@ class RandomAccessDataSource(Protocol):
     def __getitem__(self, record_key: int) -> Any: ...
 
 
-class DatasetNotBuiltError(FileNotFoundError):
-    """A TFDS dataset directory is missing: the message says how to build it."""
+class DatasetNotBuiltError(DataError, FileNotFoundError):
+    """A TFDS dataset directory is missing: the message says where we looked and how to build it."""
+
+
+class CorruptRecordError(DataError):
+    """A record of a built dataset cannot be decoded or has the wrong shape (names it)."""
 
 
 def canonical_split(split: str) -> str:
@@ -88,25 +102,52 @@ def canonical_split(split: str) -> str:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_ALIASES)}")
 
 
-def _build_hint(name: str, data_dir: str) -> str:
+def default_data_dir() -> str:
+    """TFDS's default root: $TFDS_DATA_DIR, else ~/tensorflow_datasets (expanded)."""
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+    """The absolute dataset root for config.data.data_dir (None or "" -> `default_data_dir()`)."""
+    return os.path.abspath(os.path.expanduser(str(data_dir) if data_dir else default_data_dir()))
+
+
+def build_command(name: str, data_dir: str, *, overwrite: bool = False) -> str:
+    """The exact command that builds dataset `name` into `data_dir`."""
+    flag = " --overwrite" if overwrite else ""
+    return f"python -m data_prep build {name} --source=DIR --data_dir={data_dir}{flag}"
+
+
+def _build_hint(name: str, data_dir: str, *, overwrite: bool = False) -> str:
     return (
-        f"build it from your local copy with:\n"
-        f"  python -m data_prep build {name} --source=DIR --data_dir={data_dir}\n"
-        f"(DIR is the dataset's official layout; see `python -m data_prep --help`)"
+        f"build it with: {build_command(name, data_dir, overwrite=overwrite)}  (DIR: your copy "
+        f"of the official files; `python -m data_prep list` shows the layouts)"
     )
 
 
-def find_builder_dir(name: str, data_dir: str) -> str:
-    """The newest `data_dir/name/<version>` holding a built dataset, or a clear error."""
-    if not data_dir:
-        raise DatasetNotBuiltError(
-            f"config.data.data_dir is empty: cannot find dataset {name!r}; "
-            + _build_hint(name, "DATA_DIR")
-        )
-    root = os.path.join(os.path.expanduser(data_dir), name)
+def _where(data_dir: str | None) -> str:
+    """Why this root was searched (the message tells an unset data_dir from a given one)."""
+    if data_dir:
+        return f"config.data.data_dir={data_dir}"
+    if os.environ.get("TFDS_DATA_DIR"):
+        return "config.data.data_dir is unset, so $TFDS_DATA_DIR is used"
+    return ("config.data.data_dir and $TFDS_DATA_DIR are unset, so TFDS's default "
+            "~/tensorflow_datasets is used; --config.data.data_dir=DIR reads elsewhere")
+
+
+def find_builder_dir(name: str, data_dir: str | None) -> str:
+    """The newest `data_dir/name/<version>` holding a built dataset, or a clear error.
+
+    `data_dir` None or "" means `default_data_dir()`. Errors name the directory looked in and
+    the `data_prep build` command that creates it (two lines).
+    """
+    resolved = resolve_data_dir(data_dir)
+    root = os.path.join(resolved, name)
     if not os.path.isdir(root):
+        problem = "is not a directory" if os.path.exists(root) else "does not exist"
         raise DatasetNotBuiltError(
-            f"dataset {name!r} not found: missing directory {root}; " + _build_hint(name, data_dir)
+            f"dataset {name!r} is not built: {root} {problem} ({_where(data_dir)}).\n"
+            + _build_hint(name, resolved)
         )
     versions = []
     for entry in os.listdir(root):
@@ -116,10 +157,25 @@ def find_builder_dir(name: str, data_dir: str) -> str:
             versions.append(tuple(int(p) for p in parts))
     if not versions:
         raise DatasetNotBuiltError(
-            f"dataset {name!r}: {root} holds no finished build (no <version>/dataset_info.json); "
-            + _build_hint(name, data_dir)
+            f"dataset {name!r} is not built: {root} holds no finished build (no "
+            f"<version>/dataset_info.json; an interrupted build leaves none).\n"
+            + _build_hint(name, resolved)
         )
     return os.path.join(root, ".".join(str(v) for v in max(versions)))
+
+
+def _check_json(path: str, name: str, rebuild: str) -> None:
+    """DataError naming `path` when it is missing or not JSON (TFDS's errors name neither)."""
+    try:
+        with open(path, "rb") as f:
+            json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"dataset {name!r}: {path} is missing\nrebuild it with: {rebuild}")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(
+            f"dataset {name!r}: {path} is not valid JSON ({_first_line(e)})\n"
+            f"rebuild it with: {rebuild}"
+        ) from e
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -139,56 +195,120 @@ def _padded(values: Any, length: int, dtype: Any) -> np.ndarray:
 class TfdsSource:
     """One split of a dataset built by `data_prep`, records converted to the common schema."""
 
-    def __init__(self, name: str, split: str, data_dir: str):
+    def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
         if name not in DATASETS[1:]:
-            raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+            raise ConfigError(f"config.data.name={name!r} is not a dataset; expected one of "
+                              f"{DATASETS}")
         self.name = name
         self.split = canonical_split(split)
-        self.data_dir = str(data_dir)
-        builder_dir = find_builder_dir(name, self.data_dir)
-        builder = tfds.builder_from_directory(builder_dir)
-        available = sorted(builder.info.splits.keys())
+        # The configured value, not the resolved path: grain checks repr(source) on restore.
+        self.data_dir = "" if data_dir is None else str(data_dir)
+        self.builder_dir = find_builder_dir(name, self.data_dir)
+        rebuild = build_command(name, resolve_data_dir(self.data_dir), overwrite=True)
+        for filename in ("dataset_info.json", "features.json"):
+            _check_json(os.path.join(self.builder_dir, filename), name, rebuild)
+        try:
+            builder = tfds.builder_from_directory(self.builder_dir)
+            available = sorted(builder.info.splits.keys())
+        except Exception as e:  # pylint: disable=broad-except
+            # Whatever TFDS raises on a damaged dataset_info.json / features.json (JSON,
+            # protobuf or key errors): the files are the user's, so name them, no traceback.
+            raise DataError(
+                f"dataset {name!r}: cannot read its metadata in {self.builder_dir} "
+                f"(dataset_info.json, features.json): {type(e).__name__}: {_first_line(e)}\n"
+                f"rebuild it with: {rebuild}"
+            ) from e
         if self.split not in available:
-            raise ValueError(
-                f"dataset {name!r} at {builder_dir} has no split {self.split!r}; "
+            raise DataError(
+                f"dataset {name!r} at {self.builder_dir} has no split {self.split!r}; "
                 f"available: {available}"
             )
-        self._source = builder.as_data_source(split=self.split)
+        missing = [os.fspath(p) for p in builder.info.splits[self.split].filepaths
+                   if not os.path.isfile(os.fspath(p))]
+        if missing:
+            raise DataError(
+                f"dataset {name!r} split {self.split!r}: record file {missing[0]} is missing "
+                f"({len(missing)} missing)\nrebuild it with: {rebuild}"
+            )
+        try:
+            self._source = builder.as_data_source(split=self.split)
+            self._length = len(self._source)
+        except Exception as e:  # pylint: disable=broad-except
+            raise DataError(
+                f"dataset {name!r} split {self.split!r}: cannot open its record files in "
+                f"{self.builder_dir}: {type(e).__name__}: {_first_line(e)}\n"
+                f"rebuild it with: {rebuild}"
+            ) from e
         self.target_layout = CLEVR_TARGET_LAYOUT if name == "clevr_with_masks" else None
 
     def __len__(self) -> int:
-        return len(self._source)
+        return self._length
 
     def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
-        return getattr(self, f"_convert_{self.name}")(self._source[int(record_key)])
+        index = int(record_key)
+        if not 0 <= index < self._length:
+            raise IndexError(f"record {index} out of range for {self!r} ({self._length} records)")
+        try:
+            raw = self._source[index]  # reads and decodes (PIL) every feature of the record
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._corrupt(index, f"cannot be read: {type(e).__name__}: {_first_line(e)}") \
+                from e
+        record = getattr(self, f"_convert_{self.name}")(raw, index)
+        self._check_shapes(record, index)
+        return record
 
     def __repr__(self) -> str:
         # grain stores repr(source) in iterator checkpoints and checks it on restore.
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
 
+    def _corrupt(self, index: int, problem: str) -> CorruptRecordError:
+        return CorruptRecordError(
+            f"dataset {self.name!r} split {self.split!r} record {index} (of {self._length}, "
+            f"in {self.builder_dir}) {problem}\nrebuild the dataset with: "
+            + build_command(self.name, resolve_data_dir(self.data_dir), overwrite=True)
+        )
+
+    def _decode_mask(self, data: bytes, index: int) -> np.ndarray:
+        try:
+            return _decode_png(data)  # [h, w]
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._corrupt(
+                index, f"has an undecodable mask: {type(e).__name__}: {_first_line(e)}"
+            ) from e
+
+    def _check_shapes(self, record: dict[str, np.ndarray], index: int) -> None:
+        image = record["image"]
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+            raise self._corrupt(index, f"has an image of shape {image.shape}, expected [h, w, 3]")
+        if "mask" in record and record["mask"].shape != image.shape[:2]:
+            raise self._corrupt(
+                index, f"has a mask of shape {record['mask'].shape} for an image of shape "
+                f"{image.shape}: they must match"
+            )
+
     @staticmethod
     def _image(raw: dict[str, Any]) -> np.ndarray:
         return np.asarray(raw["image"], np.uint8)  # [h, w, 3]
 
-    def _convert_clevr_mirror(self, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _convert_clevr_mirror(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         return {"image": self._image(raw)}
 
-    def _convert_shapestacks(self, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _convert_shapestacks(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         return {"image": self._image(raw)}
 
-    def _convert_coco(self, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _convert_coco(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         objects = raw["objects"]
         return {
             "image": self._image(raw),
-            "mask": _decode_png(raw["mask_png"]),  # [h, w], id k <-> objects[k - 1]
+            "mask": self._decode_mask(raw["mask_png"], index),  # [h, w], id k <-> objects[k-1]
             "category": _padded(objects["category_id"], COCO_MAX_INSTANCES, np.int32),
             "is_crowd": _padded(objects["is_crowd"], COCO_MAX_INSTANCES, np.int32),
             "num_objects": np.int32(min(len(objects["category_id"]), COCO_MAX_INSTANCES)),
         }
 
-    def _convert_clevr_with_masks(self, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _convert_clevr_with_masks(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         coords = np.asarray(raw["coords_3d"], np.float32)  # [10, 3]
         present = np.asarray(raw["present"], np.float32)  # [10]
         position = (coords + CLEVR_COORD_RANGE) / (2.0 * CLEVR_COORD_RANGE) * present[:, None]
@@ -204,7 +324,7 @@ class TfdsSource:
         }
         # Masks are all-or-nothing per split (checked when building), so batches stay uniform.
         if raw["mask_png"]:
-            out["mask"] = _decode_png(raw["mask_png"])
+            out["mask"] = self._decode_mask(raw["mask_png"], index)
         return out
 
 
@@ -214,6 +334,9 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
     split = canonical_split(split)
     if name == "synthetic":
         num_train, num_eval = int(config_data.num_train), int(config_data.num_eval)
+        for key, value in (("num_train", num_train), ("num_eval", num_eval)):
+            if value < 1:
+                raise ConfigError(f"config.data.{key}={value} must be >= 1 (synthetic scenes)")
         # Disjoint index ranges of one seed: train [0, n), validation next, then test.
         length, offset = {
             "train": (num_train, 0),
@@ -229,8 +352,14 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
             index_offset=offset,
         )
     if name in DATASETS:
-        return TfdsSource(name, split, config_data.data_dir)
-    raise ValueError(f"unknown config.data.name {name!r}; expected one of {DATASETS}")
+        return TfdsSource(name, split, config_data.get("data_dir"))
+    raise ConfigError(f"config.data.name={name!r} is not a dataset; expected one of {DATASETS}")
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened: messages stay one or two lines."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def target_layout(source: Any) -> TargetLayout | None:
