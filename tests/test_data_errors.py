@@ -307,6 +307,8 @@ def test_config_mistakes_are_config_errors():
         loader(num_workers=-1)
     with pytest.raises(ConfigError, match="batch size 0"):
         loader(batch=0)
+    with pytest.raises(ConfigError, match="min_objects=3, max_objects=2: synthetic scenes"):
+        loader(min_objects=3, max_objects=2)
     with pytest.raises(ConfigError, match="config.data.max_visible_objects=0"):
         loader(max_visible_objects=0)
     cfg = _config("clevr_mirror", None, max_visible_objects=3)

@@ -160,13 +160,14 @@ class DataIterator:
         try:
             self._iterator.set_state(state)
         except (ValueError, KeyError, TypeError) as e:
-            # grain compares the stored sampler and source with this loader's: a mismatch means
-            # the dataset, split, seed, shuffling, epochs or host count changed since the save.
+            # grain compares the stored sampler, source and worker count with this loader's.
+            # Worker processes each batch their own records, so config.data.num_workers is part
+            # of the data order too.
             detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise DataError(
-                "the saved data-iterator state does not fit this data loader: the dataset, its "
-                "size, the split, the seed or the host count changed since it was saved\n"
-                f"({type(e).__name__}: {detail[:400]})"
+                "the saved data-iterator state does not fit this data loader: the dataset, "
+                "split, seed, number of hosts or config.data.num_workers changed since it was "
+                f"saved\n({type(e).__name__}: {detail[:400]})"
             ) from e
 
     @property

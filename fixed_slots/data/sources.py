@@ -337,6 +337,12 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
         for key, value in (("num_train", num_train), ("num_eval", num_eval)):
             if value < 1:
                 raise ConfigError(f"config.data.{key}={value} must be >= 1 (synthetic scenes)")
+        low, high = int(config_data.min_objects), int(config_data.max_objects)
+        if not 1 <= low <= high <= 255:  # else the scene generator fails in a worker, later
+            raise ConfigError(
+                f"config.data.min_objects={low}, max_objects={high}: synthetic scenes need "
+                f"1 <= min_objects <= max_objects <= 255 (ids in a uint8 mask)"
+            )
         # Disjoint index ranges of one seed: train [0, n), validation next, then test.
         length, offset = {
             "train": (num_train, 0),
