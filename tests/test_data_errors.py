@@ -274,7 +274,7 @@ def test_empty_and_too_small_splits(tmp_path):
     with pytest.raises(DataError, match="split 'train' has 2 records: fewer than one batch of 4"):
         pipeline.make_loader(cfg, "train", global_batch_size=4, seed=0)
     with pytest.raises(DataError, match="'synthetic' split 'validation' has 8 records: fewer "
-                                        "than one batch of 5 per host over 2 host"):
+                                        "than one batch of 10;"):
         pipeline.make_loader(_config("synthetic", None), "validation", global_batch_size=10,
                              shard_count=2, shard_index=0, seed=0)
     with pytest.raises(ConfigError, match="config.data.num_eval=0 must be >= 1"):

@@ -30,6 +30,10 @@ Object properties (`position` ...) are passed through unchanged by crops.
 Sharding: `sampler.ProcessSliceSampler` gives host (JAX process) i rows [i*b, (i+1)*b) of every
 global batch of one global stream, so the global batches do not depend on the number of hosts,
 each epoch is split disjointly, and the iterator state is the same on every host.
+
+Worker processes (config.data.num_workers > 0) each batch their own slice of the records, so
+the batches depend on the worker count: a saved state resumes only with the same value (grain
+refuses another; `set_state` says so as a DataError), as with the same dataset, split and seed.
 """
 from __future__ import annotations
 
@@ -252,8 +256,8 @@ def make_loader(
     if batches_per_epoch == 0:
         raise DataError(
             f"dataset {data.name!r} split {sources.canonical_split(split)!r} has {len(source)} "
-            f"records: fewer than one batch of {per_host_batch} per host over {shard_count} "
-            f"host(s); use a smaller batch size or more data"
+            f"records: fewer than one batch of {global_batch_size}; use a smaller batch size "
+            f"or more data"
         )
     if shuffle is None:
         shuffle = sources.canonical_split(split) == "train"
