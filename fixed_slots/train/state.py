@@ -22,6 +22,7 @@ from fixed_slots.train.train_step import (  # noqa: F401  (re-exported)
     model_from_params,
     pure_params,
     split_params,
+    with_lr_scale,
 )
 
 

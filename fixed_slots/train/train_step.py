@@ -53,7 +53,7 @@ class TrainState:
     step: jax.Array  # [] int32: optimizer steps taken
     first_bad_step: jax.Array  # [] int32: first step with a non-finite loss/gradient, or -1
     # [] float32, starts at 1: multiplies both groups' updates when decay="validation_plateau";
-    # a host-side controller changes it between steps with state.replace(lr_scale=...).
+    # a host-side controller changes it between steps (with_lr_scale(state, x)).
     lr_scale: jax.Array
 
     @classmethod
@@ -61,6 +61,13 @@ class TrainState:
         params = pure_params(params)
         return cls(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
                    jnp.ones((), jnp.float32))
+
+
+def with_lr_scale(state: TrainState, value: float | jax.Array) -> TrainState:
+    """The state with a new lr_scale, placed like the old one (same sharding: no new entry in
+    the jitted step's cache, which a bare jnp.float32 on the default device would make)."""
+    return state.replace(lr_scale=jax.device_put(jnp.asarray(value, jnp.float32),
+                                                 state.lr_scale.sharding))
 
 
 def update_args(decay: str, state: TrainState, loss: jax.Array) -> dict[str, jax.Array]:
