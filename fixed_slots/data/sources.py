@@ -178,6 +178,14 @@ def _check_json(path: str, name: str, rebuild: str) -> None:
         ) from e
 
 
+def _decode_rgb(data: bytes) -> np.ndarray:
+    """uint8 [h, w, 3] from encoded image bytes (builders store RGB or grayscale PNG/JPEG)."""
+    import PIL.Image  # pylint: disable=g-import-not-at-top
+
+    with PIL.Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+
+
 def _decode_png(data: bytes) -> np.ndarray:
     import PIL.Image  # pylint: disable=g-import-not-at-top
 
@@ -233,7 +241,12 @@ class TfdsSource:
                 f"({len(missing)} missing)\nrebuild it with: {rebuild}"
             )
         try:
-            self._source = builder.as_data_source(split=self.split)
+            # Images come back as their encoded bytes and are decoded here with PIL: a bad one
+            # is then named by the record's own `filename`, the decoding does not depend on
+            # whether OpenCV is installed (TFDS prefers it), and no "install OpenCV" warning.
+            self._source = builder.as_data_source(
+                split=self.split, decoders={"image": tfds.decode.SkipDecoding()}
+            )
             self._length = len(self._source)
         except Exception as e:  # pylint: disable=broad-except
             raise DataError(
@@ -251,10 +264,11 @@ class TfdsSource:
         if not 0 <= index < self._length:
             raise IndexError(f"record {index} out of range for {self!r} ({self._length} records)")
         try:
-            raw = self._source[index]  # reads and decodes (PIL) every feature of the record
+            raw = self._source[index]  # reads the record; all features but the image decoded
         except Exception as e:  # pylint: disable=broad-except
             raise self._corrupt(index, f"cannot be read: {type(e).__name__}: {_first_line(e)}") \
                 from e
+        raw = dict(raw, image=self._decode_image(raw, index))
         record = getattr(self, f"_convert_{self.name}")(raw, index)
         self._check_shapes(record, index)
         return record
@@ -269,6 +283,19 @@ class TfdsSource:
             f"in {self.builder_dir}) {problem}\nrebuild the dataset with: "
             + build_command(self.name, resolve_data_dir(self.data_dir), overwrite=True)
         )
+
+    def _decode_image(self, raw: dict[str, Any], index: int) -> np.ndarray:
+        """uint8 [h, w, 3] from the record's encoded image (grayscale repeated, as TFDS does)."""
+        try:
+            return _decode_rgb(raw["image"])
+        except Exception as e:  # pylint: disable=broad-except
+            filename = raw.get("filename", b"")
+            if isinstance(filename, bytes):
+                filename = filename.decode("utf-8", "replace")
+            source = f" (from {filename})" if filename else ""
+            raise self._corrupt(
+                index, f"has an undecodable image{source}: {type(e).__name__}: {_first_line(e)}"
+            ) from e
 
     def _decode_mask(self, data: bytes, index: int) -> np.ndarray:
         try:
