@@ -29,7 +29,8 @@ The TFDS datasets are read with `tfds.builder_from_directory(...).as_data_source
 what `tfds.data_source(name, split=..., data_dir=...)` does once it has found the builder. We
 locate the directory ourselves because `tfds.data_source("coco")` resolves to TFDS's own built-in
 COCO builder (a different layout and a TensorFlow import), and because a missing dataset then gets
-an error that says how to build it. Reading is array_record + NumPy: no TensorFlow.
+an error that says how to build it. Reading is array_record + NumPy + PIL (images are decoded
+here, not by TFDS): no TensorFlow, no OpenCV.
 
 Failures are `fixed_slots.errors.DataError`s that name what to fix: a dataset not built (the
 directory looked in and the exact `data_prep build` command), unreadable metadata (the file and
