@@ -140,6 +140,20 @@ def maybe_initialize_distributed() -> bool:
     return jax.process_count() > 1
 
 
+def reached_preemption_sync_point(step: int) -> bool:
+    """Whether every process should save and stop at `step` (multi-process jobs only).
+
+    Once any process receives SIGTERM (JAX's preemption notifier, installed by
+    jax.distributed.initialize), JAX agrees on one step past every process's current step and
+    this returns True there, on every process. Call it at every step, on every process.
+    """
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D `data` mesh over the first `num_devices` devices (default: all, over all processes)."""
     total = jax.device_count()

@@ -8,6 +8,7 @@ images, Jacobian norms at their cadences, save checkpoints; SIGTERM saves and ex
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import threading
 from typing import Any, Iterator
@@ -69,19 +70,34 @@ class _Prefetcher:
 
 
 class _StopFlag:
-    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns."""
+    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns.
 
-    def __init__(self):
+    In a multi-process job (`coordinated`) every process must stop at the same step: SIGTERM is
+    left to JAX's preemption notifier (installed by jax.distributed.initialize), which tells
+    every process; SIGINT becomes a SIGTERM of this process; the loop sets `stop` when
+    `sharding.reached_preemption_sync_point` says all processes have reached the agreed step.
+    """
+
+    def __init__(self, coordinated: bool = False):
         self.stop = False
+        self.coordinated = coordinated
+        self._signalled = False
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            signals = (signal.SIGINT,) if coordinated else (signal.SIGTERM, signal.SIGINT)
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.stop:  # a second signal: the user wants out now
+        if self.stop or self._signalled:  # a second signal: the user wants out now
             self.restore()
             raise KeyboardInterrupt(f"signal {signum} received twice")
+        self._signalled = True
+        if self.coordinated:
+            logging.warning("Received signal %d: every process saves a checkpoint at the same "
+                            "step and stops (send it again to stop without saving).", signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         logging.warning("Received signal %d: saving a checkpoint and stopping "
                         "(send it again to stop without saving).", signum)
         self.stop = True
@@ -143,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     num_steps = config.train.num_steps
     progress = ProgressLine(num_steps, start_step=start_step)
     diagnostics = _Diagnostics(config, graphdef, mesh)
-    stop = _StopFlag()
+    stop = _StopFlag(coordinated=jax.process_count() > 1)
     accumulated, count, history = None, 0, []
     data_state_now = data_state
     try:
@@ -152,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             batch, data_state_now = next(batches)
             state, metrics = train_step(state, batch, base_key)
             step += 1
+            if stop.coordinated and sharding.reached_preemption_sync_point(step):
+                stop.stop = True  # the same step on every process; saved below
             accumulated = metrics if accumulated is None else jax.tree.map(
                 jnp.add, accumulated, metrics)
             count += 1
