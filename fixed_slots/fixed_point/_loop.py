@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fixed_slots.fixed_point._flat import row_norm, select_rows
-from fixed_slots.fixed_point._solvers import Solver
+from fixed_slots.fixed_point._solvers import Stepper
 
 # Keeps the relative residual finite when f(x) = 0.
 _RESIDUAL_EPS = 1e-8
@@ -31,15 +31,53 @@ def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
     return row_norm(fx - x) / (row_norm(fx) + _RESIDUAL_EPS)
 
 
+# ---------------------------------------------------------------- shard_map (check_vma=True)
+# Under shard_map every value carries the set of mesh axes it varies over, and a loop's carry
+# must keep its type. Fresh constants (counters, NaN traces, solver memories) start invariant
+# while the body makes them depend on the sharded state, so the initial carry is cast to vary
+# over every axis the state and f's output vary over. Outside shard_map these sets are empty.
+
+def _varying_axes(aval: Any) -> frozenset:
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # earlier versions
+
+
+def vary(tree: Any, axes: frozenset) -> Any:
+    if not axes:
+        return tree
+    cast = getattr(jax.lax, "pcast", None)
+
+    def one(leaf):
+        missing = tuple(sorted(axes - _varying_axes(jax.typeof(leaf))))
+        if not missing:
+            return leaf
+        if cast is not None:
+            return cast(leaf, missing, to="varying")
+        return jax.lax.pvary(leaf, missing)
+
+    return jax.tree.map(one, tree)
+
+
+def varying_axes(*examples: Any) -> frozenset:
+    """Every manual mesh axis some leaf of `examples` (arrays or ShapeDtypeStructs) varies over."""
+    axes = frozenset()
+    for leaf in jax.tree.leaves(examples):
+        axes |= _varying_axes(leaf if isinstance(leaf, jax.ShapeDtypeStruct) else jax.typeof(leaf))
+    return axes
+
+
 def run_solver(
     F: Callable[[jax.Array], tuple[jax.Array, Any]],
     x0: jax.Array,
-    solver: Solver,
+    stepper: Stepper,
     *,
     max_iter: int,
     tol: float | None,
     return_best: bool,
     differentiable: bool,
+    checkpoint: bool = False,
     aux_template: Any = None,
     select_aux: Callable[[jax.Array, Any, Any], Any] | None = None,
 ) -> LoopResult:
@@ -48,10 +86,11 @@ def run_solver(
     F maps [batch, features] -> ([batch, features], aux). Rows that reach `tol` are frozen: their
     iterate, solver memory and output stop changing, so they do not depend on slower rows.
     differentiable=True runs a `scan` that reverse-mode autodiff can go through (the unrolled
-    baseline); otherwise a `while_loop` that exits once every row has converged.
+    baseline; checkpoint=True rematerialises each iteration in the backward pass); otherwise a
+    `while_loop` that exits once every row has converged.
     """
     batch = x0.shape[0]
-    state0 = solver.init(x0)
+    state0 = stepper.init(x0)
     nan_trace = jnp.full((batch, max_iter), jnp.nan, jnp.float32)
     carry0 = (
         jnp.zeros((), jnp.int32),  # evaluations so far
@@ -65,6 +104,8 @@ def run_solver(
         jnp.zeros((batch,), bool),  # done
         jnp.zeros((batch,), jnp.int32),  # steps
     )
+    axes = varying_axes(x0, jax.eval_shape(F, x0))
+    carry0 = vary(carry0, axes)
 
     def body(carry):
         k, x, state, x_out, fx_out, aux_out, res_out, trace, done, steps = carry
@@ -81,17 +122,18 @@ def run_solver(
             aux_out = select_aux(take, aux, aux_out)
         if tol is not None:
             done = done | (active & (r < tol))
-        x_next, new_state = solver.update(x, fx, state)
+        x_next, new_state = stepper.update(x, fx, state)
         keep_going = ~done
         x = select_rows(keep_going, x_next, x)
         state = jax.tree.map(
             lambda new, old: select_rows(keep_going, new, old)
             if new.ndim >= 1 and new.shape[0] == batch else new,
             new_state, state)
-        return (k + 1, x, state, x_out, fx_out, aux_out, res_out, trace, done, steps)
+        return vary((k + 1, x, state, x_out, fx_out, aux_out, res_out, trace, done, steps), axes)
 
     if differentiable:
-        carry, _ = jax.lax.scan(lambda c, _: (body(c), None), carry0, None, length=max_iter)
+        step = jax.checkpoint(body, prevent_cse=False) if checkpoint else body
+        carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry0, None, length=max_iter)
     else:
         carry = jax.lax.while_loop(
             lambda c: (c[0] < max_iter) & ~jnp.all(c[8]), body, carry0)

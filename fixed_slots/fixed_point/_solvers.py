@@ -6,6 +6,7 @@ Every solver is a pair of pure functions with static shapes:
 where fx = F(x) was evaluated by the caller. One f evaluation per step, so `max_iter` is the
 exact number of f evaluations whatever the solver: the cost is deterministic.
 Rows are independent problems (see _flat.py): nothing mixes information across rows.
+The public option objects (options.py) are turned into steppers by `make_stepper`.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-SOLVERS = ("iterate", "anderson", "broyden")
+from fixed_slots.fixed_point import options
 
 
-class Solver(NamedTuple):
+class Stepper(NamedTuple):
     init: Callable[[jax.Array], Any]
     update: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def iterate(damping: float = 1.0) -> Solver:
+def iterate(damping: float = 1.0) -> Stepper:
     """Naive (Picard) iteration, optionally damped: x <- (1 - d) x + d f(x)."""
 
     def init(x0):
@@ -33,7 +34,7 @@ def iterate(damping: float = 1.0) -> Solver:
             return fx, state
         return (1.0 - damping) * x + damping * fx, state
 
-    return Solver(init, update)
+    return Stepper(init, update)
 
 
 class _AndersonState(NamedTuple):
@@ -43,15 +44,12 @@ class _AndersonState(NamedTuple):
     head: jax.Array  # [] slot the next pair is written to
 
 
-def anderson(memory: int = 5, mixing: float = 1.0, regularization: float = 1e-4) -> Solver:
+def anderson(memory: int = 5, mixing: float = 1.0, regularization: float = 1e-4) -> Stepper:
     """Anderson acceleration (type II), as in Walker & Ni and the DEQ tutorial.
 
     Mixing coefficients alpha minimise ||sum_i alpha_i (f(x_i) - x_i)|| with sum alpha = 1, solved
     per row through the bordered normal equations; unfilled memory slots get alpha = 0.
     """
-    if memory < 1:
-        raise ValueError(f"anderson memory must be >= 1, got {memory}")
-
     def init(x0):
         batch, features = x0.shape
         zeros = jnp.zeros((batch, memory, features), x0.dtype)
@@ -84,7 +82,7 @@ def anderson(memory: int = 5, mixing: float = 1.0, regularization: float = 1e-4)
         x_next = mixing * mixed_f + (1.0 - mixing) * mixed_x
         return x_next, _AndersonState(xs, fs, count, (state.head + 1) % memory)
 
-    return Solver(init, update)
+    return Stepper(init, update)
 
 
 class _BroydenState(NamedTuple):
@@ -96,15 +94,12 @@ class _BroydenState(NamedTuple):
     head: jax.Array  # [] slot the next rank-one update is written to
 
 
-def broyden(memory: int = 30, step_size: float = 1.0) -> Solver:
+def broyden(memory: int = 30, step_size: float = 1.0) -> Stepper:
     """Limited-memory ("good") Broyden on g(x) = f(x) - x, as in the DEQ code.
 
     The inverse Jacobian of g is approximated as -I + U V^T (starting from -I, i.e. a plain
     iteration step) with rank-one updates kept in a circular buffer of `memory` pairs.
     """
-    if memory < 1:
-        raise ValueError(f"broyden memory must be >= 1, got {memory}")
-
     def inv_matvec(us, vts, v):  # (-I + U V^T) v
         return -v + jnp.einsum("bmf,bm->bf", us, jnp.einsum("bmf,bf->bm", vts, v))
 
@@ -135,16 +130,15 @@ def broyden(memory: int = 30, step_size: float = 1.0) -> Solver:
         x_next = x - step_size * inv_matvec(us, vts, g)
         return x_next, _BroydenState(us, vts, x, g, jnp.ones((), bool), head)
 
-    return Solver(init, update)
+    return Stepper(init, update)
 
 
-def make_solver(name: str, *, damping: float = 1.0, anderson_memory: int = 5,
-                anderson_mixing: float = 1.0, anderson_regularization: float = 1e-4,
-                broyden_memory: int = 30) -> Solver:
-    if name == "iterate":
-        return iterate(damping)
-    if name == "anderson":
-        return anderson(anderson_memory, anderson_mixing, anderson_regularization)
-    if name == "broyden":
-        return broyden(broyden_memory)
-    raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}")
+def make_stepper(solver: options.AdjointSolver) -> Stepper:
+    """The stepper of a fixed-point solver object (GMRES is not a fixed-point stepper)."""
+    if isinstance(solver, options.Iterate):
+        return iterate(solver.damping)
+    if isinstance(solver, options.Anderson):
+        return anderson(solver.memory, solver.mixing, solver.regularization)
+    if isinstance(solver, options.Broyden):
+        return broyden(solver.memory)
+    raise TypeError(f"no fixed-point stepper for {solver!r}")

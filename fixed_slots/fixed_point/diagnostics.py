@@ -11,16 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from fixed_slots.fixed_point._flat import make_flattener, row_norm
+from fixed_slots.fixed_point._fn import state_map
 
 PyTree = Any
-
-
-def _state_map(f, params, args, has_aux):
-    def g(z):
-        out = f(params, z, *args)
-        return out[0] if has_aux else out
-
-    return g
 
 
 def jacobian_spectral_norm(
@@ -41,7 +34,7 @@ def jacobian_spectral_norm(
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
     params, z, args = jax.lax.stop_gradient((params, z, args))
-    g = _state_map(f, params, args, has_aux)
+    g = state_map(f, params, args, has_aux)
     flatten, unflatten, batch = make_flattener(z, batch_axis)
     _, vjp = jax.vjp(g, z)
     key = jax.random.key(0) if key is None else key
@@ -77,7 +70,7 @@ def jacobian_frobenius_penalty(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     z = jax.lax.stop_gradient(z)
-    g = _state_map(f, params, args, has_aux)
+    g = state_map(f, params, args, has_aux)
     _, vjp = jax.vjp(g, z)
     leaves, treedef = jax.tree.flatten(z)
     total = 0.0

@@ -1,35 +1,56 @@
 """`fixed_point_layer`: solve z* = f(params, z*, *args) and differentiate through it.
 
-Forward: `max_iter` evaluations of f by a solver ("iterate", "anderson", "broyden"); the output
-is f(x) at the last (or, with return_best, the lowest-residual) evaluation point x. Backward,
-chosen by `grad`:
-  "unroll"   autodiff through every iteration (vanilla slot attention; O(max_iter) memory).
-  "neumann"  u = g (I + J + ... + J^(K-1)), J = df/dz at x, K = neumann_order. K = 1 is the
-             paper's first-order Neumann / "one extra line": exactly the gradient of
-             `f(params, stop_gradient(x), *args)`.
-  "implicit" solve the adjoint u = g + u J with `adjoint_solver` (implicit function theorem).
-  "phantom"  autodiff through `phantom_steps` damped steps from the detached solution (torchdeq's
-             phantom gradient); the forward value includes those steps.
-For neumann/implicit the output's cotangent is mapped to params, args and closed-over arrays;
+Forward: a solver object (Iterate, Anderson, Broyden; options.py) runs up to `max_iter`
+evaluations of f; the output is f(x) at the last (or, with return_best, the lowest-residual)
+evaluation point x. Backward, chosen by the gradient object:
+  Unroll    autodiff through every iteration (vanilla slot attention; optionally checkpointed).
+  Neumann   u = g (I + J + ... + J^(K-1)), J = df/dz at x. K = 1 is the paper's first-order
+            estimator: exactly the gradient of `f(params, stop_gradient(x), *args)`.
+  Implicit  solve the adjoint u = g + u J with an adjoint solver (implicit function theorem).
+  Phantom   autodiff through K damped steps from the detached solution.
+For Neumann/Implicit the output's cotangent is mapped to params, args and closed-over arrays;
 z0 gets a zero cotangent, since the fixed point does not depend on where the solver started.
+
+How Neumann/Implicit are differentiated (two custom rules, so every order of reverse mode works):
+  `_solve_point`    custom_jvp: the forward solve (a while_loop, never taped); its tangent is
+                    dx = (I - J)^-1 f_w dw (Implicit) or the truncated series (Neumann), so
+                    differentiating *through* the backward pass below sees the fixed point move.
+  `_implicit_layer` custom_vjp: first-order reverse mode with O(1) memory in the iterations
+                    (saves params, args and x; recomputes f at x), the adjoint statistics into
+                    the probe's cotangent, and the failure policy. Its backward pass is made of
+                    differentiable operations (_adjoint.py), hence reverse-over-reverse and
+                    forward-over-reverse.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import threading
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fixed_slots.fixed_point import _solvers
-from fixed_slots.fixed_point._flat import make_flattener, row_norm
+from fixed_slots.fixed_point import _adjoint, options
+from fixed_slots.fixed_point._flat import make_flattener, select_rows
+from fixed_slots.fixed_point._fn import split_output
 from fixed_slots.fixed_point._loop import LoopResult, run_solver
+from fixed_slots.fixed_point._solvers import make_stepper
+from fixed_slots.fixed_point.options import (
+    Gradient,
+    Implicit,
+    Neumann,
+    Phantom,
+    Unroll,
+)
 
 PyTree = Any
 
-GRAD_MODES = ("unroll", "neumann", "implicit", "phantom")
-ADJOINT_SOLVERS = ("iterate", "anderson", "broyden", "gmres")
+# Columns of the probe's cotangent: the adjoint solve's outcome.
+PROBE_FIELDS = ("residual", "steps", "failed")
 
 
 class FixedPointInfo(NamedTuple):
@@ -39,81 +60,38 @@ class FixedPointInfo(NamedTuple):
       evaluation; NaN for evaluations skipped after reaching `tol`.
     steps: [] (or [batch]) number of f evaluations spent.
     final_residual: [] (or [batch]) relative residual of the returned estimate's evaluation.
+    converged: [] (or [batch]) bool: final_residual < tol; without tol (a fixed number of
+      evaluations is what was asked for) only that the residual is finite. None where an info is
+      built by hand with three fields.
     """
     residuals: jax.Array
     steps: jax.Array
     final_residual: jax.Array
+    converged: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class _Options:
-    solver: str
-    max_iter: int
-    tol: float | None
-    damping: float
-    anderson_memory: int
-    anderson_mixing: float
-    broyden_memory: int
-    grad: str
-    neumann_order: int
-    adjoint_solver: str
-    adjoint_max_iter: int
-    adjoint_tol: float | None
-    phantom_steps: int
-    phantom_damping: float
+class _Plan:
+    """Everything static about one call (hashable: a nondiff argument of the custom rules)."""
+    solver: options.ForwardSolver
+    grad: Gradient
     batch_axis: int | None
     return_best: bool
     has_aux: bool
-    adjoint_callback: Callable[[dict], None] | None
-
-    def forward_solver(self) -> _solvers.Solver:
-        return _solvers.make_solver(
-            self.solver, damping=self.damping, anderson_memory=self.anderson_memory,
-            anderson_mixing=self.anderson_mixing, broyden_memory=self.broyden_memory)
+    with_probe: bool
 
 
-def _validate(o: _Options) -> None:
-    def bad(msg):
-        raise ValueError(f"fixed_point_layer: {msg}")
+# --------------------------------------------------------------------------- checks
 
-    if o.solver not in _solvers.SOLVERS:
-        bad(f"unknown solver {o.solver!r}; valid solvers: {', '.join(_solvers.SOLVERS)}")
-    if o.grad not in GRAD_MODES:
-        bad(f"unknown grad {o.grad!r}; valid gradient modes: {', '.join(GRAD_MODES)}")
-    if o.adjoint_solver not in ADJOINT_SOLVERS:
-        bad(f"unknown adjoint_solver {o.adjoint_solver!r}; valid: {', '.join(ADJOINT_SOLVERS)}")
-    for name in ("max_iter", "neumann_order", "adjoint_max_iter"):
-        value = getattr(o, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            bad(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(o.phantom_steps, int) or o.phantom_steps < 1:
-        bad(f"phantom_steps must be a positive int, got {o.phantom_steps!r}")
-    for name in ("tol", "adjoint_tol"):
-        value = getattr(o, name)
-        if value is not None and not value > 0:
-            bad(f"{name} must be None or > 0, got {value!r}")
-    if not 0.0 < o.damping <= 1.0:
-        bad(f"damping must be in (0, 1], got {o.damping!r}")
-    if not 0.0 < o.phantom_damping <= 1.0:
-        bad(f"phantom_damping must be in (0, 1], got {o.phantom_damping!r}")
-
-
-def _describe(tree: PyTree) -> str:
-    return str(jax.tree.map(lambda s: f"{s.dtype}{list(s.shape)}", tree))
-
-
-def _check_state_structure(f, params, z0, args, has_aux) -> PyTree:
-    """Traces f abstractly; returns the aux shapes. Raises on a state that f does not preserve."""
+def _check_state_structure(f, params, z0, args, has_aux) -> None:
+    """Traces f abstractly. Raises on a state that f does not preserve."""
     try:
         out = jax.eval_shape(f, params, z0, *args)
     except Exception as e:  # re-raised with the layer's context
         raise type(e)(f"fixed_point_layer: calling f(params, z0, *args) failed: {e}") from e
-    if has_aux:
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError("fixed_point_layer: has_aux=True but f did not return a pair (z, aux).")
-        out, aux = out
-    else:
-        aux = None
+    if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError("fixed_point_layer: has_aux=True but f did not return a pair (z, aux).")
+    out, _ = split_output(out, has_aux)
     z_shapes = jax.eval_shape(lambda z: z, z0)
     if jax.tree.structure(out) != jax.tree.structure(z_shapes):
         raise ValueError(
@@ -125,8 +103,20 @@ def _check_state_structure(f, params, z0, args, has_aux) -> PyTree:
                 "fixed_point_layer: f must preserve the shape and dtype of every state leaf; at "
                 f"{jax.tree_util.keystr(path) or 'the root'} z0 is {a.dtype}{list(a.shape)} but "
                 f"f returns {b.dtype}{list(b.shape)}.")
-    return aux
 
+
+def _check_probe(probe: Any, batch: int, batch_axis: int | None) -> None:
+    want = (len(PROBE_FIELDS),) if batch_axis is None else (batch, len(PROBE_FIELDS))
+    shape = getattr(probe, "shape", None)
+    dtype = getattr(probe, "dtype", None)
+    if shape != want or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"fixed_point_layer: probe must be a float array of shape {list(want)} "
+            f"({', '.join(PROBE_FIELDS)}{' per example' if batch_axis is not None else ''}), "
+            f"e.g. jnp.zeros({want}); got {probe!r:.80}")
+
+
+# --------------------------------------------------------------------------- forward solve
 
 def _make_aux_selector(batch_axis: int | None, batch: int):
     """Chooses per-row between two aux pytrees (leaves carrying the batch axis are per example)."""
@@ -144,153 +134,221 @@ def _make_aux_selector(batch_axis: int | None, batch: int):
     return select
 
 
-def _solve(fn: Callable, o: _Options, params, z0, args, consts, *, differentiable: bool):
-    """Runs the forward solver. fn(params, z, args, *consts) -> z or (z, aux).
+def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiable: bool,
+           checkpoint: bool = False):
+    """Runs the forward solver. fn(params, z, args, *consts) -> (z, aux).
 
     Returns (x_star tree, z_out tree, aux, LoopResult).
     """
-    flatten, unflatten, batch = make_flattener(z0, o.batch_axis)
+    flatten, unflatten, batch = make_flattener(z0, plan.batch_axis)
 
     def F(x):
-        out = fn(params, unflatten(x), args, *consts)
-        z, aux = out if o.has_aux else (out, None)
+        z, aux = fn(params, unflatten(x), args, *consts)
         return flatten(z), aux
 
-    aux_template = None
-    select_aux = None
-    if o.has_aux:
-        aux_shapes = jax.eval_shape(lambda x: F(x)[1], jax.ShapeDtypeStruct(
-            (batch, flatten(z0).shape[1]), flatten(z0).dtype))
+    x0 = flatten(z0)
+    aux_template = select_aux = None
+    if plan.has_aux:
+        aux_shapes = jax.eval_shape(lambda x: F(x)[1], x0)
         aux_template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
-        select_aux = _make_aux_selector(o.batch_axis, batch)
+        select_aux = _make_aux_selector(plan.batch_axis, batch)
     result = run_solver(
-        F, flatten(z0), o.forward_solver(), max_iter=o.max_iter, tol=o.tol,
-        return_best=o.return_best, differentiable=differentiable,
+        F, x0, make_stepper(plan.solver), max_iter=plan.solver.max_iter, tol=plan.solver.tol,
+        return_best=plan.return_best, differentiable=differentiable, checkpoint=checkpoint,
         aux_template=aux_template, select_aux=select_aux)
     return unflatten(result.x), unflatten(result.fx), result.aux, result
 
 
-def _info(result: LoopResult, batch_axis: int | None) -> FixedPointInfo:
-    info = FixedPointInfo(result.residuals, result.steps, result.final_residual)
-    if batch_axis is None:
+def _info(result: LoopResult, plan: _Plan) -> FixedPointInfo:
+    final = result.final_residual
+    tol = plan.solver.tol
+    converged = jnp.isfinite(final) if tol is None else final < tol
+    info = FixedPointInfo(result.residuals, result.steps, final, converged)
+    if plan.batch_axis is None:
         info = FixedPointInfo(*(a[0] for a in info))
     return jax.tree.map(jax.lax.stop_gradient, info)
 
 
+def _zero_tangent(tree: PyTree) -> PyTree:
+    def zero(x):
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(x.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+# --------------------------------------------------------------------------- Neumann / Implicit
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _solve_point(fn, plan: _Plan, params, z0, args, consts):
+    """(x*, z_out = f(x*), aux, residuals, steps, final_residual); the solve is never taped."""
+    x_star, z_out, aux, r = _solve(fn, plan, params, z0, args, consts, differentiable=False)
+    return x_star, z_out, aux, r.residuals, r.steps, r.final_residual
+
+
+@_solve_point.defjvp
+def _solve_point_jvp(fn, plan: _Plan, primals, tangents):
+    params, z0, args, consts = primals
+    d_params, _, d_args, d_consts = tangents  # the solution does not depend on z0
+    out = _solve_point(fn, plan, params, z0, args, consts)  # differentiable at higher orders
+    x = out[0]
+    flatten, unflatten, _ = make_flattener(x, plan.batch_axis)
+
+    def state(p, z, a, c):
+        return fn(p, z, a, *c)[0]
+
+    # b = (df/dw) dw at x, then dx from the gradient's linear map, then dz = b + J dx.
+    _, b = jax.jvp(lambda p, a, c: state(p, x, a, c), (params, args, consts),
+                   (d_params, d_args, d_consts))
+
+    def A(v):  # J v
+        return flatten(jax.jvp(lambda z: state(params, z, args, consts), (x,), (unflatten(v),))[1])
+
+    grad = plan.grad
+    if isinstance(grad, Neumann) and grad.order == 1:
+        dx, dz = _zero_tangent(x), b  # first order: x is treated as a constant
+    else:
+        b_flat = flatten(b)
+        if isinstance(grad, Neumann):  # dz = (I + ... + J^(K-1)) b = b + J dx
+            dx_flat, _ = _adjoint.neumann_series(A, b_flat, grad.order - 1, with_stats=False)
+        else:
+            dx_flat, _ = _adjoint.linear_solve(A, b_flat, grad.adjoint)
+        dx = unflatten(dx_flat)
+        dz = jax.tree.map(jnp.add, b, unflatten(A(dx_flat)))
+    return out, (dx, dz) + tuple(_zero_tangent(o) for o in out[2:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _implicit_fixed_point(fn, o: _Options, params, z0, args, consts):
-    _, z_out, aux, result = _solve(fn, o, params, z0, args, consts, differentiable=False)
-    return z_out, aux, _info(result, o.batch_axis)
+def _implicit_layer(fn, plan: _Plan, params, z0, args, consts, probe):
+    _, z_out, aux, *stats = _solve_point(fn, plan, params, z0, args, consts)
+    return z_out, aux, _info(LoopResult(None, None, None, *stats), plan)
 
 
-def _implicit_fwd(fn, o: _Options, params, z0, args, consts):
-    x_star, z_out, aux, result = _solve(fn, o, params, z0, args, consts, differentiable=False)
-    return (z_out, aux, _info(result, o.batch_axis)), (params, x_star, args, consts)
+def _implicit_fwd(fn, plan: _Plan, params, z0, args, consts, probe):
+    x_star, z_out, aux, *stats = _solve_point(fn, plan, params, z0, args, consts)
+    info = _info(LoopResult(None, None, None, *stats), plan)
+    return (z_out, aux, info), (params, x_star, args, consts, probe)
 
 
-def _adjoint(fn, o: _Options, params, x_star, args, consts, g):
-    """u with u (I - J) ~= g, J = df/dz at x_star (Neumann series or an adjoint solve)."""
+def _implicit_bwd(fn, plan: _Plan, residuals, cotangents):
+    params, x_star, args, consts, probe = residuals
+    flatten, unflatten, _ = make_flattener(x_star, plan.batch_axis)
+    g = flatten(cotangents[0])
+    _, vjp_z = jax.vjp(lambda z: fn(params, z, args, *consts)[0], x_star)
 
-    def state_map(z):
-        out = fn(params, z, args, *consts)
-        return out[0] if o.has_aux else out
+    def A(u):  # u J
+        return flatten(vjp_z(unflatten(u))[0])
 
-    _, vjp_z = jax.vjp(state_map, x_star)
-
-    def uJ(u):
-        return vjp_z(u)[0]
-
-    if o.grad == "neumann":
-        u, term = g, g
-        for _ in range(o.neumann_order - 1):
-            term = uJ(term)
-            u = jax.tree.map(jnp.add, u, term)
-        return u
-
-    flatten, unflatten, batch = make_flattener(x_star, o.batch_axis)
-    g_flat = flatten(g)
-    if o.adjoint_solver == "gmres":
-        def matvec(u_flat):  # (I - J^T) u
-            return u_flat - flatten(uJ(unflatten(u_flat)))
-
-        tol = o.adjoint_tol if o.adjoint_tol is not None else 1e-6
-        u_flat, _ = jax.scipy.sparse.linalg.gmres(
-            matvec, g_flat, x0=g_flat, tol=tol, atol=0.0,
-            restart=min(20, g_flat.size), maxiter=o.adjoint_max_iter, solve_method="batched")
-        if o.adjoint_callback is not None:
-            residual = row_norm(matvec(u_flat) - g_flat) / (row_norm(g_flat) + 1e-30)
-            steps = jnp.full((batch,), o.adjoint_max_iter, jnp.int32)
-            _report(o, residual, steps)
-        return unflatten(u_flat)
-
-    def H(u_flat):
-        return g_flat + flatten(uJ(unflatten(u_flat))), None
-
-    solver = _solvers.make_solver(o.adjoint_solver, damping=1.0,
-                                  anderson_memory=o.anderson_memory,
-                                  anderson_mixing=o.anderson_mixing,
-                                  broyden_memory=o.broyden_memory)
-    result = run_solver(H, g_flat, solver, max_iter=o.adjoint_max_iter, tol=o.adjoint_tol,
-                        return_best=False, differentiable=False)
-    if o.adjoint_callback is not None:
-        # The loop's residual belongs to the last evaluation point, not to the returned u = H(x),
-        # and is normalised by ||H(x)||: report ||u (I - J) - g|| / ||g|| of the returned u, the
-        # same quantity as the gmres branch (one extra vjp, only when a callback is given).
-        u_flat = result.fx
-        residual = row_norm(u_flat - flatten(uJ(unflatten(u_flat))) - g_flat) / (
-            row_norm(g_flat) + 1e-30)
-        _report(o, residual, result.steps)
-    return unflatten(result.fx)
+    grad = plan.grad
+    want_stats = plan.with_probe or (isinstance(grad, Implicit) and grad.callback is not None)
+    if isinstance(grad, Neumann):
+        u, stats = _adjoint.neumann_series(A, g, grad.order, with_stats=want_stats)
+    else:
+        u, stats = _adjoint.linear_solve(A, g, grad.adjoint)
+        u = _on_failure(grad, u, g, stats)
+        if grad.callback is not None:
+            jax.debug.callback(grad.callback, _squeeze(plan, {
+                "adjoint_residual": stats.residual, "adjoint_steps": stats.steps,
+                "adjoint_failed": stats.failed}))
+    _, vjp_w = jax.vjp(lambda p, a, c: fn(p, x_star, a, *c)[0], params, args, consts)
+    d_params, d_args, d_consts = vjp_w(unflatten(u))
+    d_probe = None
+    if plan.with_probe:
+        columns = jnp.stack([stats.residual, stats.steps.astype(jnp.float32),
+                             stats.failed.astype(jnp.float32)], axis=-1)  # [batch, 3]
+        d_probe = _squeeze(plan, columns).astype(probe.dtype)
+    return d_params, _zero_tangent(x_star), d_args, d_consts, d_probe
 
 
-def _report(o: _Options, residual, steps) -> None:
-    squeeze = o.batch_axis is None
-    stats = {"adjoint_residual": residual[0] if squeeze else residual,
-             "adjoint_steps": steps[0] if squeeze else steps}
-    jax.debug.callback(o.adjoint_callback, stats)
+_implicit_layer.defvjp(_implicit_fwd, _implicit_bwd)
 
 
-def _implicit_bwd(fn, o: _Options, residuals, cotangents):
-    params, x_star, args, consts = residuals
-    g = cotangents[0]
-    u = _adjoint(fn, o, params, x_star, args, consts, g)
-
-    def param_map(p, a, c):
-        out = fn(p, x_star, a, *c)
-        return out[0] if o.has_aux else out
-
-    _, vjp_params = jax.vjp(param_map, params, args, consts)
-    d_params, d_args, d_consts = vjp_params(u)
-    d_z0 = jax.tree.map(jnp.zeros_like, x_star)
-    return d_params, d_z0, d_args, d_consts
+def _squeeze(plan: _Plan, tree: PyTree) -> PyTree:
+    return tree if plan.batch_axis is not None else jax.tree.map(lambda a: a[0], tree)
 
 
-_implicit_fixed_point.defvjp(_implicit_fwd, _implicit_bwd)
+# --------------------------------------------------------------------------- failure policies
 
+_fallback_count = [0]
+_fallback_lock = threading.Lock()
+
+
+def _warn_fallback(num_failed, residual) -> None:
+    """Host side of on_failure="fallback": warns at the 1st, 10th, 100th, ... failed solve."""
+    if int(np.sum(num_failed)) == 0:  # under vmap the guarding cond runs both branches
+        return
+    num_failed, residual = np.sum(num_failed), np.max(residual)
+    with _fallback_lock:
+        _fallback_count[0] += 1
+        count = _fallback_count[0]
+    if count != 10 ** round(math.log10(count)):
+        return
+    warnings.warn(
+        f"fixed_point_layer: the implicit adjoint solve failed for {int(num_failed)} example(s) "
+        f"(relative residual {float(residual):.3g}: diverging, typically because the spectral "
+        "radius of df/dz is >= 1); the first-order (Neumann-1) gradient was used for them. "
+        f"{count} failed backward pass(es) so far; next warning at {10 * count}. Use "
+        "Implicit(adjoint=GMRES(...)) or a contractive f; the probe reports every solve.",
+        RuntimeWarning, stacklevel=2)
+
+
+def _raise_failure(num_failed, residual) -> None:
+    if int(np.sum(num_failed)) == 0:
+        return
+    num_failed, residual = np.sum(num_failed), np.max(residual)
+    raise FloatingPointError(
+        f"fixed_point_layer: the implicit adjoint solve failed for {int(num_failed)} example(s) "
+        f"(relative residual {float(residual):.3g}: diverging or non-finite; on_failure='raise')")
+
+
+def _on_failure(grad: Implicit, u: jax.Array, g: jax.Array, stats: _adjoint.SolveStats
+                ) -> jax.Array:
+    failed = stats.failed
+    if grad.on_failure == "nan":
+        return select_rows(failed, jnp.full_like(u, jnp.nan), u)
+    worst = jnp.max(jnp.where(failed, stats.residual, -jnp.inf))
+    report = _warn_fallback if grad.on_failure == "fallback" else _raise_failure
+    jax.lax.cond(jnp.any(failed),
+                 lambda: jax.debug.callback(report, jnp.sum(failed), worst),
+                 lambda: None)
+    return select_rows(failed, g, u) if grad.on_failure == "fallback" else u
+
+
+def _raise_not_converged(num, residual, tol) -> None:
+    if int(np.sum(num)) == 0:
+        return
+    num, residual = np.sum(num), np.max(residual)
+    raise FloatingPointError(
+        f"fixed_point_layer: the forward solve did not converge for {int(num)} example(s) "
+        f"(final relative residual {float(residual):.3g}, tol {tol}; throw=True)")
+
+
+def _throw_if_not_converged(info: FixedPointInfo, tol: float | None) -> None:
+    bad = ~info.converged
+    worst = jnp.max(jnp.where(bad, info.final_residual, -jnp.inf))
+    jax.lax.cond(jnp.any(bad),
+                 lambda: jax.debug.callback(
+                     functools.partial(_raise_not_converged, tol=tol), jnp.sum(bad), worst),
+                 lambda: None)
+
+
+# --------------------------------------------------------------------------- the layer
 
 def fixed_point_layer(
     f: Callable[..., PyTree],
     params: PyTree,
     z0: PyTree,
     *args: Any,
-    solver: str = "iterate",
-    max_iter: int = 7,
-    tol: float | None = None,
-    damping: float = 1.0,
-    anderson_memory: int = 5,
-    anderson_mixing: float = 1.0,
-    broyden_memory: int = 30,
-    grad: str = "neumann",
-    neumann_order: int = 1,
-    adjoint_solver: str = "iterate",
-    adjoint_max_iter: int | None = None,
-    adjoint_tol: float | None = None,
-    phantom_steps: int = 1,
-    phantom_damping: float = 1.0,
+    solver: options.ForwardSolver | str = "iterate",
+    grad: Gradient | str = "neumann",
     batch_axis: int | None = None,
     return_best: bool = False,
     has_aux: bool = False,
-    adjoint_callback: Callable[[dict], None] | None = None,
+    probe: jax.Array | None = None,
+    throw: bool = False,
+    **string_options: Any,
 ) -> tuple[PyTree, FixedPointInfo]:
     """Finds z* = f(params, z*, *args) and returns (z*, info), differentiable per `grad`.
 
@@ -298,61 +356,66 @@ def fixed_point_layer(
       f: pure function `f(params, z, *args) -> z` (or `(z, aux)` with has_aux) over pytrees.
         It may close over arrays; those get gradients too (closure conversion).
       params, z0, *args: pytrees. params and args receive cotangents; z0 is the initial state.
-      solver: forward solver, "iterate" | "anderson" | "broyden".
-      max_iter: number of f evaluations (the paper's T); the output is f at the last point.
-      tol: optional early exit once the relative residual drops below tol (per example with
-        batch_axis); None (default) runs exactly max_iter evaluations.
-      damping: iterate only: x <- (1 - damping) x + damping f(x).
-      grad: "unroll" | "neumann" | "implicit" | "phantom" (module docstring).
-      neumann_order: K, terms of the Neumann series (1 = the paper's IN).
-      adjoint_solver: implicit only: "iterate" | "anderson" | "broyden" | "gmres".
-      adjoint_max_iter / adjoint_tol: budget of the adjoint solve (default max_iter / None).
-        For gmres, adjoint_max_iter counts restarts of 20 Krylov vectors and adjoint_tol
-        defaults to 1e-6.
-      phantom_steps / phantom_damping: phantom only: k damped steps differentiated by autodiff.
+      solver: Iterate(max_iter, tol, damping) | Anderson(...) | Broyden(...), or a name with
+        string_options (below).
+      grad: Unroll(checkpoint) | Neumann(order) | Implicit(adjoint, on_failure, callback) |
+        Phantom(steps, damping), or a name with string_options.
       batch_axis: the axis of every state leaf that indexes independent examples; residuals,
-        solver memory and stopping are then per example. None treats z as one problem.
+        solver memory, stopping and adjoint statistics are then per example. None treats z as
+        one problem.
       return_best: return the lowest-residual evaluation instead of the last.
       has_aux: f returns (z, aux); the layer then returns ((z*, aux*), info), aux* being f's
         aux at the returned evaluation, without gradient in every mode.
-      adjoint_callback: implicit only: called on the host with {"adjoint_residual",
-        "adjoint_steps"} after each backward solve (a custom VJP cannot return them):
-        ||u (I - J) - g|| / ||g|| of the returned adjoint u, and the evaluations spent
-        (for gmres, the restart budget: JAX's gmres does not report its count).
+      probe: optional float array [3] ([batch, 3] with batch_axis), e.g. zeros. Its cotangent
+        is set by the backward pass to (adjoint relative residual ||u (I - J) - g|| / ||g||,
+        adjoint steps, failed 0/1): `jax.grad` with respect to the probe returns the adjoint
+        solve's outcome (Implicit and Neumann; zeros for Unroll and Phantom). Its value is unused.
+      throw: raise at run time when the forward solve did not converge (info.converged false).
+      **string_options: the string form's flat options (max_iter, tol, damping, anderson_memory,
+        anderson_mixing, broyden_memory, neumann_order, adjoint_solver, adjoint_max_iter,
+        adjoint_tol, phantom_steps, phantom_damping, adjoint_callback); only with string
+        solver and grad.
 
     Returns:
       (z_star, info) or ((z_star, aux), info) with has_aux; info is a FixedPointInfo.
     """
-    if adjoint_max_iter is None:
-        adjoint_max_iter = max_iter
-    o = _Options(solver, max_iter, tol, float(damping), anderson_memory, float(anderson_mixing),
-                 broyden_memory, grad, neumann_order, adjoint_solver, adjoint_max_iter,
-                 adjoint_tol, phantom_steps, float(phantom_damping), batch_axis, return_best,
-                 has_aux, adjoint_callback)
-    _validate(o)
+    solver, grad = options.resolve(solver, grad, string_options)
+    if batch_axis is not None:
+        batch_axis = options._static_int("fixed_point_layer", "batch_axis", batch_axis,
+                                         minimum=-(2 ** 31))
     _check_state_structure(f, params, z0, args, has_aux)
+    _, _, batch = make_flattener(z0, batch_axis)
+    if probe is not None:
+        _check_probe(probe, batch, batch_axis)
+    plan = _Plan(solver, grad, batch_axis, bool(return_best), bool(has_aux), probe is not None)
 
     def fn(p, z, a, *consts_unused):
-        return f(p, z, *a)
+        return split_output(f(p, z, *a), has_aux)
 
-    if grad == "unroll":
-        _, z_out, aux, result = _solve(fn, o, params, z0, args, (), differentiable=True)
-        info = _info(result, batch_axis)
-    elif grad == "phantom":
-        x_star, z_out, aux, result = _solve(
-            fn, o, *jax.lax.stop_gradient((params, z0, args)), (), differentiable=False)
+    if isinstance(grad, Unroll):
+        _, z_out, aux, result = _solve(fn, plan, params, z0, args, (), differentiable=True,
+                                       checkpoint=grad.checkpoint)
+        info = _info(result, plan)
+    elif isinstance(grad, Phantom):
+        _, z_out, aux, result = _solve(
+            fn, plan, *jax.lax.stop_gradient((params, z0, args)), (), differentiable=False)
         z = jax.lax.stop_gradient(z_out)
-        for _ in range(phantom_steps):
-            out = f(params, z, *args)
-            fz, aux = out if has_aux else (out, None)
-            z = jax.tree.map(lambda zi, fi: (1.0 - phantom_damping) * zi + phantom_damping * fi,
-                             z, fz)
+        for _ in range(grad.steps):
+            fz, aux = fn(params, z, args)
+            z = jax.tree.map(lambda zi, fi: (1.0 - grad.damping) * zi + grad.damping * fi, z, fz)
         z_out = z
-        info = _info(result, batch_axis)
+        info = _info(result, plan)
     else:
         converted, consts = jax.closure_convert(
             lambda p, z, a: f(p, z, *a), params, z0, args)
-        z_out, aux, info = _implicit_fixed_point(converted, o, params, z0, args, tuple(consts))
+
+        def fn_converted(p, z, a, *c):
+            return split_output(converted(p, z, a, *c), has_aux)
+
+        z_out, aux, info = _implicit_layer(fn_converted, plan, params, z0, args, tuple(consts),
+                                           probe)
+    if throw:
+        _throw_if_not_converged(info, solver.tol)
     if has_aux:
         return (z_out, jax.lax.stop_gradient(aux)), info
     return z_out, info

@@ -1,0 +1,158 @@
+"""Linear solves of the implicit gradient: one helper per strategy, all differentiable.
+
+On [batch, features] rows, with A a linear map (A(v) = v J for the adjoint, built from a vjp;
+A(v) = J v for tangents, built from a jvp):
+  neumann_series(A, b, K)   b + A(b) + ... + A^(K-1)(b)
+  linear_solve(A, b, s)     v = (I - A)^-1 b with solver object s (Iterate/Anderson/Broyden
+                            on v = b + A(v), or GMRES on (I - A) v = b)
+Both are made of differentiable operations: the series is K - 1 applications of A, and the
+solve is a `lax.custom_linear_solve`, whose derivatives are themselves linear solves. So the
+backward pass of `fixed_point_layer` can be differentiated again (reverse-over-reverse).
+
+Every solve starts at v1 = b + A(b) (the two-term series), so ||A(b)|| / ||b||, the residual of
+the first-order answer v = b, is known for free; a solve whose returned residual is larger than
+that (or not finite) has failed: it ended worse than not solving, i.e. diverged.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fixed_slots.fixed_point import options
+from fixed_slots.fixed_point._flat import row_norm, select_rows
+from fixed_slots.fixed_point._loop import vary, run_solver, varying_axes
+from fixed_slots.fixed_point._solvers import make_stepper
+
+Linear = Callable[[jax.Array], jax.Array]
+_TINY = 1e-30  # ||b|| = 0 (a zero cotangent) gives residual 0 instead of 0/0
+
+
+class SolveStats(NamedTuple):
+    """Per row: [batch] each; no gradient."""
+    residual: jax.Array  # ||v - A(v) - b|| / ||b|| of the returned v
+    steps: jax.Array  # int32 applications of A spent (GMRES: its restart budget)
+    failed: jax.Array  # bool: non-finite, or residual above the first-order answer's
+
+
+def _relative(r: jax.Array, b: jax.Array) -> jax.Array:
+    return row_norm(r) / (row_norm(b) + _TINY)
+
+
+def neumann_series(A: Linear, b: jax.Array, order: int, with_stats: bool
+                   ) -> tuple[jax.Array, SolveStats | None]:
+    """b (I + A + ... + A^(order-1)); stats cost one more application of A (the next term)."""
+    total, term = b, b
+    first = None
+    for i in range(order - 1):
+        term = A(term)
+        first = term if i == 0 else first
+        total = total + term
+    if not with_stats:
+        return total, None
+    nxt = A(term)  # u - A(u) - b = -A^order(b)
+    first = nxt if first is None else first
+    residual = jax.lax.stop_gradient(_relative(nxt, b))
+    base = jax.lax.stop_gradient(_relative(first, b))
+    steps = jnp.full(residual.shape, order - 1, jnp.int32)
+    return total, SolveStats(residual, steps, _failed(residual, base))
+
+
+def _failed(residual: jax.Array, base: jax.Array) -> jax.Array:
+    return ~jnp.isfinite(residual) | (residual > base)
+
+
+def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array
+           ) -> tuple[jax.Array, SolveStats]:
+    """custom_linear_solve's `solve`: v with matvec(v) = (I - A) v = b. Not differentiated."""
+    Ab = b - matvec(b)
+    v1 = b + Ab
+    base = _relative(Ab, b)
+    if isinstance(solver, options.GMRES):
+        v, steps = _gmres(matvec, b, v1, solver)
+        steps = steps + 1
+    else:
+        def H(v):  # v = b + A(v) as a fixed point
+            return b + v - matvec(v), None
+
+        result = run_solver(H, v1, make_stepper(solver), max_iter=solver.max_iter - 1,
+                            tol=solver.tol, return_best=False, differentiable=False)
+        v, steps = result.fx, result.steps + 1
+    residual = _relative(matvec(v) - b, b)
+    return v, SolveStats(residual, steps, _failed(residual, base))
+
+
+def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
+           ) -> tuple[jax.Array, jax.Array]:
+    """Restarted GMRES, one Krylov space per row: (x [batch, n], matvecs spent [batch]).
+
+    Each restart builds min(restart, n) Arnoldi vectors (classical Gram-Schmidt, twice) and
+    solves the small least-squares problem by SVD (robust to breakdown); rows whose relative
+    residual ||b - M x|| / ||b|| is below tol stop, as in the fixed-point loop. Written here
+    rather than jax.scipy's gmres so that each example is its own problem and the loops keep
+    their types under shard_map.
+    """
+    batch, n = b.shape
+    m = min(solver.restart, n)
+    b_norm = row_norm(b) + _TINY
+    axes = varying_axes(b, x0)
+
+    def cycle(x, r):
+        beta = row_norm(r)
+        V = jnp.zeros((batch, m + 1, n), b.dtype).at[:, 0].set(r / _safe(beta)[:, None])
+        H = jnp.zeros((batch, m + 1, m), b.dtype)
+
+        def arnoldi(j, VH):
+            V, H = VH
+            w = matvec(V[:, j])
+            mask = (jnp.arange(m + 1) <= j).astype(b.dtype)
+            h = jnp.zeros((batch, m + 1), b.dtype)
+            for _ in range(2):  # CGS2: re-orthogonalise once for float32 stability
+                hi = jnp.einsum("bkn,bn->bk", V, w) * mask
+                w = w - jnp.einsum("bk,bkn->bn", hi, V)
+                h = h + hi
+            norm = row_norm(w)
+            h = h.at[:, j + 1].set(norm)
+            V = V.at[:, j + 1].set(w / _safe(norm)[:, None] * (norm > _TINY)[:, None])
+            return vary((V, H.at[:, :, j].set(h)), axes)
+
+        V, H = jax.lax.fori_loop(0, m, arnoldi, vary((V, H), axes))
+        e1 = jnp.zeros((batch, m + 1), b.dtype).at[:, 0].set(beta)
+        y = jax.vmap(lambda h, e: jnp.linalg.lstsq(h, e)[0])(H, e1)  # [batch, m]
+        return x + jnp.einsum("bk,bkn->bn", y, V[:, :m])
+
+    def body(carry):
+        k, x, r, active, steps = carry
+        x_new = cycle(x, r)
+        r_new = b - matvec(x_new)
+        x = select_rows(active, x_new, x)
+        r = select_rows(active, r_new, r)
+        steps = steps + active.astype(jnp.int32) * (m + 1)
+        active = active & (row_norm(r) / b_norm >= solver.tol)
+        return vary((k + 1, x, r, active, steps), axes)
+
+    r0 = b - matvec(x0)
+    carry = (jnp.zeros((), jnp.int32), x0, r0, row_norm(r0) / b_norm >= solver.tol,
+             jnp.ones((batch,), jnp.int32))
+    carry = jax.lax.while_loop(lambda c: (c[0] < solver.max_iter) & jnp.any(c[3]), body,
+                               vary(carry, axes))
+    return carry[1], carry[4]
+
+
+def _safe(norm: jax.Array) -> jax.Array:
+    return jnp.where(norm > _TINY, norm, 1.0)
+
+
+def linear_solve(A: Linear, b: jax.Array, solver: options.AdjointSolver
+                 ) -> tuple[jax.Array, SolveStats]:
+    """(I - A)^-1 b by `solver`, differentiable (its transpose is the same solver on A^T)."""
+
+    def matvec(v):
+        return v - A(v)
+
+    def solve(mv, rhs):
+        return _solve(solver, mv, rhs)
+
+    v, stats = jax.lax.custom_linear_solve(matvec, b, solve, transpose_solve=solve, has_aux=True)
+    return v, jax.tree.map(jax.lax.stop_gradient, stats)
