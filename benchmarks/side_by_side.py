@@ -74,7 +74,7 @@ def _mib(x: float | None) -> str:
 def side_by_side_table(official: dict, ours: dict) -> list[str]:
     """Markdown lines from the harnesses' JSON records.
 
-    official: {"unroll": rec, "implicit": rec, "implicit_equal": rec?, "decode": rec?}
+    official: {"unroll": rec, "implicit": rec, "decode": rec?}
     ours: train_step.py's JSON ({"rows": [...], "decode": {...}}).
     Speed-up = official ms / ours ms (= ours images/s / official images/s); memory ratio =
     official peak / ours peak (above 1: ours uses less).
@@ -84,11 +84,8 @@ def side_by_side_table(official: dict, ours: dict) -> list[str]:
     lines = ["| variant | official ms/step | ours ms/step | speed-up | official peak MiB | "
              "ours peak MiB | memory ratio |", "|---|---|---|---|---|---|---|"]
     pairs = [(f"vanilla, T={t}: official backprop through T vs ours unroll", "unroll", "unroll"),
-             (f"implicit, T={t}: official one-line change ({t}+1 updates) vs ours neumann1 "
-              f"({t} updates)", "implicit", "neumann1")]
-    if "implicit_equal" in official:
-        pairs.append((f"implicit, equal updates: official one-line change ({t - 1}+1) vs ours "
-                      f"neumann1 ({t})", "implicit_equal", "neumann1"))
+             (f"implicit, T={t}: official one-line change vs ours neumann1 (both {t}+1 "
+              f"updates)", "implicit", "neumann1")]
     rss = []
     for label, theirs_key, ours_grad in pairs:
         theirs, mine = official[theirs_key], rows[(ours_grad, t)]
@@ -138,8 +135,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="the official side's device (ours uses JAX's default backend)")
     p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16: ours mixed precision, official torch.autocast(bf16)")
-    p.add_argument("--equal_updates", action="store_true",
-                   help="also time the official implicit change with T-1 iterations")
     p.add_argument("--decode", action="store_true", help="also time autoregressive decoding")
     p.add_argument("--decode_repeats", type=int, default=1)
     p.add_argument("--decode_batch", type=int, default=None,
@@ -166,9 +161,6 @@ def main(argv: list[str] | None = None) -> None:
 
     official = {"unroll": _run_json(theirs + ["--grad=unroll"]),
                 "implicit": _run_json(theirs + ["--grad=implicit"])}
-    if a.equal_updates:
-        official["implicit_equal"] = _run_json(
-            _with_flag(theirs, "num_iterations", t - 1) + ["--grad=implicit"])
     ours_cmd = [sys.executable, os.path.join(HERE, "train_step.py"), f"--config={a.config}",
                 "--grads=unroll,neumann1", f"--iters={t}", *timing,
                 f"--compute_dtype={a.compute_dtype}", "--quiet", *(f"--set={x}" for x in a.set)]

@@ -26,7 +26,6 @@ def get_config():
 
     config.slot_attention.num_slots = 4
     config.slot_attention.num_iterations = 5
-    config.slot_attention.eval_num_iterations = 5
     config.slot_attention.slot_size = 64
     config.slot_attention.mlp_hidden_size = 128
 

@@ -20,7 +20,6 @@ def get_config():
     config.set_prediction.layout = "clevr"
     config.slot_attention.num_slots = 10
     config.slot_attention.num_iterations = 3
-    config.slot_attention.eval_num_iterations = 3
     config.eval.batch_size = 512
     config.eval.num_batches = 30  # up to 15360 images (the official full evaluation: 15000)
     return config

@@ -23,7 +23,6 @@ def get_config():
 
     config.slot_attention.num_slots = 5
     config.slot_attention.num_iterations = 3
-    config.slot_attention.eval_num_iterations = 3
     config.slot_attention.slot_size = 64
     config.slot_attention.mlp_hidden_size = 128
 

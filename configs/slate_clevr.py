@@ -14,5 +14,4 @@ def get_config():
     config.data.image_size = 96
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7  # the paper's baseline iterations
-    config.slot_attention.eval_num_iterations = 7
     return config

@@ -13,5 +13,4 @@ def get_config():
     config.eval.segmentation_metrics = False  # up to 100 instances: not the papers' metric here
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7
-    config.slot_attention.eval_num_iterations = 7
     return config

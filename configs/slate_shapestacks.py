@@ -11,5 +11,4 @@ def get_config():
     config.data.image_size = 96
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7
-    config.slot_attention.eval_num_iterations = 7
     return config

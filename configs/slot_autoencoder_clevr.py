@@ -22,7 +22,6 @@ def get_config():
     config.data.max_visible_objects = 6  # CLEVR6
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 3
-    config.slot_attention.eval_num_iterations = 3
     config.train.log_every_steps = 100
     config.train.image_every_steps = 5_000
     config.train.checkpoint_every_steps = 5_000

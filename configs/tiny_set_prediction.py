@@ -19,7 +19,6 @@ def get_config():
 
     config.slot_attention.num_slots = 4
     config.slot_attention.num_iterations = 2
-    config.slot_attention.eval_num_iterations = 2
     config.slot_attention.slot_size = 16
     config.slot_attention.mlp_hidden_size = 16
 

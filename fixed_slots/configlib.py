@@ -29,8 +29,11 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
 
     c.slot_attention = ml_collections.ConfigDict()
     c.slot_attention.num_slots = 7
+    # The paper's T: unroll differentiates T updates; the implicit modes run T updates without
+    # gradient, then their differentiated update(s) (neumann1/IN: T + 1 updates in all).
     c.slot_attention.num_iterations = 7
-    c.slot_attention.eval_num_iterations = 7
+    # Iterations at evaluation / inference; None follows num_iterations.
+    c.slot_attention.eval_num_iterations = ml_collections.config_dict.placeholder(int)
     c.slot_attention.slot_size = 192
     c.slot_attention.mlp_hidden_size = 192
     c.slot_attention.num_heads = 1
@@ -126,7 +129,6 @@ def slot_autoencoder_base() -> ml_collections.ConfigDict:
     c.slot_attention.slot_size = 64
     c.slot_attention.mlp_hidden_size = 128
     c.slot_attention.num_iterations = 3
-    c.slot_attention.eval_num_iterations = 3
     c.data.image_size = 128
     c.autoencoder = ml_collections.ConfigDict()
     c.autoencoder.encoder_channels = (64, 64, 64, 64)
@@ -244,8 +246,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.grad: {e}") from None
     if config.model.name not in MODEL_NAMES:
         bad("model.name", config.model.name, f"one of {MODEL_NAMES}")
+    if config.slot_attention.eval_num_iterations is not None and not (
+            isinstance(config.slot_attention.eval_num_iterations, int)
+            and config.slot_attention.eval_num_iterations >= 1):
+        bad("slot_attention.eval_num_iterations", config.slot_attention.eval_num_iterations,
+            "None (follow num_iterations) or a positive integer")
     positive = ["slot_attention.num_slots", "slot_attention.num_iterations",
-                "slot_attention.eval_num_iterations", "slot_attention.slot_size",
+                "slot_attention.slot_size",
                 "slot_attention.mlp_hidden_size", "slot_attention.num_heads", "data.image_size",
                 "train.batch_size", "train.num_steps", "train.log_every_steps",
                 "train.checkpoint_every_steps"]

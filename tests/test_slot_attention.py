@@ -42,12 +42,14 @@ def test_permutation_equivariance_over_slots_and_invariance_over_inputs():
     np.testing.assert_allclose(attn_n, attn[:, :, perm_n], rtol=1e-5, atol=1e-6)
 
 
-def test_forward_identical_for_unroll_and_neumann1():
+def test_forward_of_neumann1_at_T_is_unroll_at_T_plus_one():
+    """The paper's count: T updates without gradient + 1 with it (tests/test_paper_convention.py)."""
     x, key = inputs(), jax.random.key(2)
-    a = make("unroll", iters=5)(x, key)
+    a = make("unroll", iters=6)(x, key)
     b = make("neumann1", iters=5)(x, key)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
+    # The last update runs outside the solver's loop for neumann1: equal up to float32 round-off.
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("grad", MODES)
@@ -92,7 +94,7 @@ def test_gru_cell_matches_pytorch_equations():
 def test_multi_head_matches_official_joint_softmax_reference():
     """The official step with heads: softmax over (heads x slots) jointly, written in NumPy."""
     model = SlotAttention(D_IN, D, 2 * D, num_slots=S, num_iterations=1, num_heads=2,
-                          rngs=nnx.Rngs(0))
+                          grad="unroll", rngs=nnx.Rngs(0))
     x, slots0 = inputs(), model.initial_slots(jax.random.key(3), B)
     out, attn, _ = model(x, None, slots_init=slots0)
     f, params, (k, v) = model.step_function(x)

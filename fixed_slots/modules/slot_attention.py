@@ -18,6 +18,22 @@ from fixed_slots.fixed_point import FixedPointInfo, fixed_point_layer, parse_gra
 _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")  # PyTorch kaiming_uniform_(relu)
 _orthogonal = nnx.initializers.orthogonal()
+
+
+def torch_xavier_uniform_3d(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """PyTorch's `xavier_uniform_` on a >2-d tensor such as the (1, 1, D) slot mean.
+
+    torch's fan rule multiplies dims 0 and 1 by the receptive field prod(shape[2:]):
+    fan_in = shape[1] * r, fan_out = shape[0] * r, bound = sqrt(6 / (fan_in + fan_out)); for
+    (1, 1, D) that is sqrt(3 / D). Flax's xavier on the same shape sees fan_in = 1 (a sqrt(2)
+    wider bound), so SLATE's `slots_mu` / `slots_log_sigma` need this one.
+    """
+    receptive = 1
+    for size in shape[2:]:
+        receptive *= size
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 _LN_EPS = 1e-5  # PyTorch LayerNorm default, as the official code
 
 
@@ -87,9 +103,12 @@ class SlotAttentionStep(nnx.Module):
 class SlotAttention(nnx.Module):
     """Locatello et al.'s slot attention with learned Gaussian slot initialisation.
 
-    `grad` picks the backward pass of the T-step refinement: "unroll" (vanilla), "neumannK",
-    "implicit", or the paper's Table 2 names "IN", "IB", "BN", "BB". `fixed_point_options` are
-    extra `fixed_point_layer` keyword arguments (tol, anderson_memory, broyden_memory, ...).
+    `grad` picks the backward pass: "unroll" (vanilla), "neumannK", "seriesK", "implicit", or the
+    paper's Table 2 names "IN", "IB", "BN", "BB". `num_iterations` is the paper's T: unroll runs T
+    differentiated updates; the implicit modes run T updates without gradient and then their
+    differentiated update(s) (T + 1, or T + K for neumannK; see fixed_slots.fixed_point.modes).
+    `fixed_point_options` are extra `fixed_point_layer` keyword arguments (tol, damping,
+    broyden_memory, ...); they may not override what the grad mode sets.
     """
 
     def __init__(
@@ -114,14 +133,19 @@ class SlotAttention(nnx.Module):
         self.eval_num_iterations = eval_num_iterations or num_iterations
         self.grad_mode = parse_grad_mode(grad)
         self.fixed_point_options = dict(fixed_point_options or {})
+        clash = sorted(set(self.fixed_point_options) & set(self.grad_mode.layer_kwargs(1)))
+        if clash:
+            raise ValueError(f"fixed_point_options {clash} are set by grad={grad!r}; choose them "
+                             f"through the grad mode instead")
         self.norm_inputs = nnx.LayerNorm(input_size, epsilon=_LN_EPS, rngs=rngs)
         self.project_k = nnx.Linear(input_size, slot_size, use_bias=False, kernel_init=_xavier,
                                     rngs=rngs)
         self.project_v = nnx.Linear(input_size, slot_size, use_bias=False, kernel_init=_xavier,
                                     rngs=rngs)
         self.step = SlotAttentionStep(slot_size, mlp_hidden_size, num_heads, epsilon, rngs=rngs)
-        self.slots_mu = nnx.Param(_xavier(rngs.params(), (1, 1, slot_size)))
-        self.slots_log_sigma = nnx.Param(_xavier(rngs.params(), (1, 1, slot_size)))
+        self.slots_mu = nnx.Param(torch_xavier_uniform_3d(rngs.params(), (1, 1, slot_size)))
+        self.slots_log_sigma = nnx.Param(
+            torch_xavier_uniform_3d(rngs.params(), (1, 1, slot_size)))
 
     def initial_slots(self, key: jax.Array, batch: int, num_slots: int | None = None) -> jax.Array:
         num_slots = num_slots or self.num_slots
@@ -145,8 +169,8 @@ class SlotAttention(nnx.Module):
         if num_iterations is None:
             num_iterations = self.num_iterations if train else self.eval_num_iterations
         (slots, attn), info = fixed_point_layer(
-            f, step_state, slots0, k, v, max_iter=num_iterations, batch_axis=0, has_aux=True,
-            **self.grad_mode.kwargs(), **self.fixed_point_options)
+            f, step_state, slots0, k, v, batch_axis=0, has_aux=True,
+            **self.grad_mode.layer_kwargs(num_iterations), **self.fixed_point_options)
         return slots, attn, info
 
     def step_function(self, inputs: jax.Array):
