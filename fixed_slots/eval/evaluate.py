@@ -21,6 +21,7 @@ from flax import nnx
 from fixed_slots import configlib, models
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.eval import visualize
+from fixed_slots.train import sharding
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str):
@@ -63,29 +64,44 @@ def _fid(config, real: np.ndarray, generated: np.ndarray) -> float | str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the latest checkpoint; returns (and writes) the metrics dict."""
+    """Evaluates the latest checkpoint; returns (and writes) the metrics dict.
+
+    In a multi-process job each process reads its rows of every global batch (the batches one
+    process would read), the model runs on the global arrays, and process 0 writes the files.
+    """
+    sharding.maybe_initialize_distributed()  # before validate, which counts devices
     configlib.validate(config)
     graphdef, params, step = restore_params(config, workdir)
     out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(out_dir, exist_ok=True)
 
-    @jax.jit
-    def eval_batch(params, batch, key):
+    def eval_fn(params, batch, key):
         return nnx.merge(graphdef, params).evaluate_batch(batch, key)
 
-    @jax.jit
-    def pictures(params, batch, key):
+    def pictures_fn(params, batch, key):
         return nnx.merge(graphdef, params).evaluation_pictures(batch, key)
 
     loader = make_loader(config, "validation", global_batch_size=config.eval.batch_size,
-                         shard_index=0, shard_count=1, seed=config.seed, num_epochs=1,
-                         shuffle=False)
+                         seed=config.seed, num_epochs=1, shuffle=False)
+    batches = enumerate(loader)
+    if jax.process_count() > 1:
+        mesh = sharding.make_mesh()
+        params = sharding.replicate(params, mesh)
+        repl, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        # Replicated results: every process can read them.
+        eval_batch = jax.jit(eval_fn, in_shardings=(repl, rows, repl), out_shardings=repl)
+        pictures = jax.jit(pictures_fn, out_shardings=repl)
+        batches = ((i, sharding.put_batch(b, mesh)) for i, b in sharding.in_lockstep(batches))
+    else:
+        eval_batch, pictures = jax.jit(eval_fn), jax.jit(pictures_fn)
     key = jax.random.key(config.seed + 1)
     sums: dict[str, float] = {}
     count = 0
     host_arrays: dict[str, list[np.ndarray]] = {}
     real_images: list[np.ndarray] = []
-    for index, batch in enumerate(loader):
+    for index, batch in batches:
         if config.eval.num_batches and index >= config.eval.num_batches:
             break
         batch_key = jax.random.fold_in(key, index)
@@ -95,11 +111,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         count += len(batch["image"])
         for name, values in result.arrays.items():
             host_arrays.setdefault(name, []).append(np.asarray(values))
-        real_images.append(np.asarray(batch["image"]))
+        real_images.append(sharding.to_host(batch["image"]))
         if index == 0:
             grids = jax.device_get(pictures(params, {k: v[: config.eval.num_images]
                                                      for k, v in batch.items()}, batch_key))
-            for name, grid in visualize.model_grids(grids).items():
+            for name, grid in visualize.model_grids(grids).items() if primary else ():
                 visualize.save_png(os.path.join(out_dir, f"{name}.png"), grid)
     if count == 0:
         raise ValueError("the evaluation split produced no batch (is it smaller than "
@@ -119,7 +135,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     "mse_scale": "sum over pixels and channels per image, images in [0, 1], "
                                  "averaged over images"})
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(clean, f, indent=2, sort_keys=True)
+    if primary:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(clean, f, indent=2, sort_keys=True)
     logging.info("Evaluation at step %d: %s", step, clean)
     return clean

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -33,6 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fixed_slots.errors import ConfigError
 
 DATA_AXIS = "data"
+T = TypeVar("T")
+_END = object()
 
 ENV_COORDINATOR = "FIXED_SLOTS_COORDINATOR"
 ENV_NUM_PROCESSES = "FIXED_SLOTS_NUM_PROCESSES"
@@ -214,4 +217,48 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    return jax.device_put(tree, replicated(mesh))
+    """A pytree holding the same values on every process -> arrays replicated over the mesh."""
+    target = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, target)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        if isinstance(x, jax.Array) and x.committed:
+            # jax cannot move an array committed to one local device onto devices of other
+            # processes; every process holds the same value, so it goes through the host.
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                data = jax.device_put(np.asarray(jax.random.key_data(x)), target)
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+            x = np.asarray(x)
+        return jax.device_put(x, target)
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
+    """The whole value of an array as NumPy on this process, also when other processes hold
+    parts of it (a batch-sharded global array)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def in_lockstep(iterable: Iterable[T]) -> Iterator[T]:
+    """The items of a per-process iterable while every process still has one.
+
+    A finite per-process stream can run out earlier on some processes (e.g. after a filter);
+    the others would then wait forever in the next collective. One tiny all-gather per item.
+    """
+    from jax.experimental import multihost_utils
+
+    iterator = iter(iterable)
+    while True:
+        item = next(iterator, _END)
+        have = multihost_utils.process_allgather(np.int32(item is not _END))
+        if not np.all(have):
+            return
+        yield item
