@@ -1,4 +1,5 @@
 """Train or evaluate: python main.py --config=configs/default.py --workdir=/tmp/run [--mode=eval]."""
+import fixed_slots.train  # noqa: F401  (first: names the `train` extra if the stack is missing)
 from absl import app, flags
 from ml_collections import config_flags
 

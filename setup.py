@@ -1,5 +1,31 @@
-"""fixed_slots: implicit slot attention (fixed points + implicit differentiation) in JAX/Flax."""
+"""fixed_slots: implicit slot attention (fixed points + implicit differentiation) in JAX/Flax.
+
+    pip install fixed_slots            # the fixed_point_layer alone: jax and numpy
+    pip install -e ".[train]"          # + the models, data pipeline and trainer
+    pip install -e ".[dev]"            # + the test tools (what the README's quick start uses)
+"""
 from setuptools import find_packages, setup
+
+# The layer (fixed_slots.fixed_point) imports only these.
+LAYER = ["jax>=0.4.35", "numpy"]
+
+# Models, data, trainer, evaluation: `import fixed_slots.train` names this extra when missing.
+TRAIN = [
+    "flax>=0.10.4",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "array-record",
+    "ml-collections",
+    "clu",
+    "chex",
+    "grain",
+    "tensorboardX",
+    "pillow",
+    "scipy",
+    "absl-py",
+    "matplotlib",
+]
 
 setup(
     name="fixed_slots",
@@ -10,26 +36,10 @@ setup(
     ),
     python_requires=">=3.10",
     packages=find_packages(include=["fixed_slots", "fixed_slots.*", "data_prep", "data_prep.*"]),
-    install_requires=[
-        "jax>=0.4.35",
-        "flax>=0.10.4",
-        "optax",
-        "orbax-checkpoint",
-        "tensorflow-datasets",
-        "array-record",
-        "ml-collections",
-        "clu",
-        "chex",
-        "grain",
-        "tensorboardX",
-        "pillow",
-        "numpy",
-        "scipy",
-        "absl-py",
-        "matplotlib",
-    ],
+    install_requires=LAYER,
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "scikit-learn"],
+        "train": TRAIN,
+        "dev": TRAIN + ["pytest", "pytest-xdist", "scikit-learn"],
         # CLU's own TensorBoard writers need TensorFlow; without it we write through tensorboardX.
         "tf": ["tensorflow-cpu"],
         # GPU support is opt-in: the CUDA wheels are ~3 GB.
