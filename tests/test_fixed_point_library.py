@@ -4,7 +4,11 @@ The references are written from the definitions (dense Jacobians, plain Python l
 example alone), never by calling the layer's own internals.
 """
 import inspect
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 import typing
 
 import jax
@@ -71,6 +75,36 @@ def test_public_surface_is_exactly_the_documented_list():
     assert fp.SOLVERS == ("iterate", "anderson", "broyden")
     assert fp.GRAD_MODES == ("unroll", "neumann", "implicit", "phantom")
     assert fp.ADJOINT_SOLVERS == ("iterate", "anderson", "broyden", "gmres")
+
+
+def test_the_layer_works_without_the_training_stack():
+    """What the light install (`pip install fixed_slots`, .ci/run) relies on, in a subprocess:
+    the training stack made unimportable, the layer still solves and differentiates."""
+    code = textwrap.dedent("""
+        import sys
+        heavy = ("flax", "optax", "orbax", "ml_collections", "absl", "clu", "grain",
+                 "tensorflow_datasets", "tensorboardX", "PIL", "matplotlib")
+        for name in heavy:
+            sys.modules[name] = None  # import fails, find_spec returns None: "not installed"
+        import jax, jax.numpy as jnp
+        import fixed_slots
+        from fixed_slots.fixed_point import Implicit, fixed_point_layer
+        g = jax.grad(lambda a: jnp.sum(fixed_point_layer(
+            lambda a, z, x: jnp.tanh(a * z + x), a, jnp.zeros(3), jnp.ones(3),
+            grad=Implicit())[0]))(0.5)
+        assert jnp.isfinite(g)
+        assert not any(sys.modules.get(name) for name in heavy)
+        try:
+            import fixed_slots.train
+        except ImportError as e:
+            assert '".[train]"' in str(e) and "missing: flax" in str(e), e
+        else:
+            raise AssertionError("fixed_slots.train imported without the training stack")
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def _check_function(fn, name):
