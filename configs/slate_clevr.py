@@ -2,7 +2,8 @@
 
 Build the data first: python -m data_prep build clevr_mirror --source=DIR --data_dir=DIR
 Run: python main.py --config=configs/slate_clevr.py --config.grad=neumann1 --workdir=W
-     --config.data.data_dir=DIR   (defaults to ~/tensorflow_datasets)
+     --config.data.data_dir=DIR   (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)
+Images are resized whole (no crop), as the authors' loader does.
 Table 2 / Fig. 3b use 64x64: --config.data.image_size=64.
 """
 from fixed_slots import configlib

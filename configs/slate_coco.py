@@ -1,4 +1,7 @@
-"""SLATE + implicit slot attention on COCO-2017 at 96x96 (Table 3), centre-cropped as SLATE.
+"""SLATE + implicit slot attention on COCO-2017 at 96x96 (Table 3), centre-cropped.
+
+No released SLATE code loads COCO; the largest centred square is our choice (the authors'
+image-folder loader squashes instead, `data.crop = "none"`).
 
 Build the data first: python -m data_prep build coco --source=DIR --data_dir=DIR
 """

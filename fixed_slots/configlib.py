@@ -53,7 +53,9 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     c.data.num_eval = 512
     c.data.min_objects = 2
     c.data.max_objects = 4
-    c.data.crop = "center"
+    # The authors' SLATE loaders resize the whole frame (no crop, non-square images squashed):
+    # "none". "center" and "clevr" are for COCO and Locatello et al.'s CLEVR crop.
+    c.data.crop = "none"
     c.data.num_workers = 0
     # Keep only scenes with at most this many visible objects (CLEVR6: 6); None keeps all.
     c.data.max_visible_objects = ml_collections.config_dict.placeholder(int)

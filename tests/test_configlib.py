@@ -59,3 +59,11 @@ def test_training_only_turns_off_summaries_and_keeps_the_base():
             config.train.checkpoint_every_steps) == (300, 50, 300)
     assert config.train.image_every_steps == 0 and config.train.jacobian_every_steps == 0
     assert base.train.num_steps == 250_000 and base.train.image_every_steps == 5_000
+
+
+def test_slate_crops_follow_the_authors_loaders():
+    """The authors' image-folder loader resizes the whole frame; COCO's centre crop is ours."""
+    assert load_config("slate_clevr").data.crop == "none"
+    assert load_config("slate_shapestacks").data.crop == "none"
+    assert load_config("slate_coco").data.crop == "center"
+    assert load_config("slot_autoencoder_clevr").data.crop == "clevr"  # Locatello et al.
