@@ -2,7 +2,7 @@
 import pytest
 
 from fixed_slots import configlib
-from helpers import ROOT
+from helpers import ROOT, load_config
 
 
 def test_override_applies_typed_literals_to_a_copy():
