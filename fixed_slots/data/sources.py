@@ -21,6 +21,7 @@ Config keys read from `config.data` (an ml_collections ConfigDict):
     num_train     synthetic only: number of training scenes
     num_eval      synthetic only: number of validation (and of test) scenes
     min_objects, max_objects   synthetic only: objects per scene (properties padded to max_objects)
+    synthetic_style   synthetic only, optional: a preset of synthetic.SCENE_STYLES ("classic" if absent)
     crop          "center" | "none" | "clevr" (used by the pipeline, see pipeline.py)
     num_workers   grain worker processes (0 = in-process; used by the pipeline)
     shuffle_buffer  unused (grain shuffles by index)
@@ -47,7 +48,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fixed_slots.data.synthetic import SyntheticScenes, TargetLayout
+from fixed_slots.data.synthetic import SCENE_STYLES, SyntheticScenes, TargetLayout
 from fixed_slots.errors import ConfigError, DataError
 
 DATASETS = ("synthetic", "clevr_mirror", "shapestacks", "coco", "clevr_with_masks")
@@ -371,6 +372,10 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
                 f"config.data.min_objects={low}, max_objects={high}: synthetic scenes need "
                 f"1 <= min_objects <= max_objects <= 255 (ids in a uint8 mask)"
             )
+        style = str(config_data.get("synthetic_style", "classic"))
+        if style not in SCENE_STYLES:
+            raise ConfigError(f"config.data.synthetic_style={style!r} is not a scene style; "
+                              f"expected one of {tuple(SCENE_STYLES)}")
         # Disjoint index ranges of one seed: train [0, n), validation next, then test.
         length, offset = {
             "train": (num_train, 0),
@@ -384,6 +389,7 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
             min_objects=int(config_data.min_objects),
             max_objects=int(config_data.max_objects),
             index_offset=offset,
+            style=style,
         )
     if name in DATASETS:
         return TfdsSource(name, split, config_data.get("data_dir"))

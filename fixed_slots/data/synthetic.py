@@ -17,6 +17,19 @@ Per-object properties are padded to `max_objects`:
 Drawing is vectorised NumPy over each object's bounding window (signed distance functions, with
 optional analytic anti-aliasing), about 0.3 ms per 64x64 scene on one core.
 
+A `SceneStyle` says what is drawn (object sizes, how much objects may overlap, backgrounds, colour
+jitter, rotation); `SCENE_STYLES` names the presets that `config.data.synthetic_style` chooses:
+
+    classic   the original scenes: small and large objects, partial overlaps, muted uniform or
+              gradient backgrounds
+    large     objects 1.5-2x larger and barely overlapping on uniform backgrounds: at 32x32 every
+              object covers several 4x4 dVAE tokens (the README's default run)
+    crowded   many objects with heavy occlusion, rotated shapes and jittered colours (the CPU study
+              of the paper's effects, configs/study_synthetic.py)
+
+The properties keep their meaning in every style (the colour index names the palette entry before
+jitter), so the set-prediction target is the same vector.
+
 `properties_to_target` turns these properties into the set-prediction target of Locatello et al.
 (2020): per object concat(position, one-hot shape, one-hot color, one-hot size, [material],
 [visible]), zero rows for absent or fully hidden objects. `TargetLayout` names the slices so that
@@ -52,12 +65,65 @@ BACKGROUNDS = np.array(
     dtype=np.uint8,
 )  # [5, 3]
 
-# Radius (fraction of the image side) drawn uniformly within the size class.
+# The classic style's radius range (fraction of the image side) of each size class, and how far
+# apart centres stay (a fraction of the sum of the radii): occlusion is partial, every object keeps a
+# visible core in almost every scene. Other styles: SceneStyle below.
 SCALE_RANGES = np.array([[0.08, 0.12], [0.15, 0.20]], dtype=np.float64)  # [len(SIZES), 2]
-# Centres of two objects stay at least this fraction of the sum of their radii apart, so that
-# occlusion is partial: every object keeps a visible core in almost every scene.
 MIN_CENTRE_SEPARATION = 0.65
 _POSITION_TRIES = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneStyle:
+    """What the generator draws; see the module docstring for the presets.
+
+    scale_ranges: radius range (fraction of the image side) of each size class in SIZES.
+    min_centre_separation: centres of two objects stay at least this fraction of the sum of their
+      radii apart when possible (about 1: objects barely touch; 0.3: heavy occlusion).
+    background: "varied" (a muted uniform colour or a gentle gradient) or "uniform" (a muted
+      uniform colour).
+    color_jitter: each object's RGB is offset by a uniform draw in [-color_jitter, color_jitter]
+      per channel (0-255 scale), clipped to [0, 255].
+    rotate: shapes are rotated by a uniform angle (circles are unchanged).
+    """
+
+    scale_ranges: tuple[tuple[float, float], ...] = ((0.08, 0.12), (0.15, 0.20))
+    min_centre_separation: float = 0.65
+    background: str = "varied"
+    color_jitter: float = 0.0
+    rotate: bool = False
+
+    def __post_init__(self):
+        if len(self.scale_ranges) != len(SIZES) or any(
+                not 0.0 < lo <= hi < 0.5 for lo, hi in self.scale_ranges):
+            raise ValueError(f"scale_ranges must be {len(SIZES)} (lo, hi) pairs with "
+                             f"0 < lo <= hi < 0.5, got {self.scale_ranges}")
+        if self.min_centre_separation < 0:
+            raise ValueError(f"min_centre_separation must be >= 0, got "
+                             f"{self.min_centre_separation}")
+        if self.background not in ("varied", "uniform"):
+            raise ValueError(f"background must be 'varied' or 'uniform', got {self.background!r}")
+        if not 0 <= self.color_jitter <= 255:
+            raise ValueError(f"color_jitter must be in [0, 255], got {self.color_jitter}")
+
+
+SCENE_STYLES = {
+    "classic": SceneStyle(),
+    "large": SceneStyle(scale_ranges=((0.15, 0.19), (0.21, 0.26)), min_centre_separation=0.95,
+                        background="uniform"),
+    "crowded": SceneStyle(scale_ranges=((0.10, 0.14), (0.16, 0.22)), min_centre_separation=0.35,
+                          color_jitter=35.0, rotate=True),
+}
+
+
+def scene_style(style: "str | SceneStyle") -> SceneStyle:
+    """A SceneStyle, or the preset of that name (ValueError naming the presets otherwise)."""
+    if isinstance(style, SceneStyle):
+        return style
+    if style not in SCENE_STYLES:
+        raise ValueError(f"unknown synthetic scene style {style!r}; expected one of "
+                         f"{tuple(SCENE_STYLES)}")
+    return SCENE_STYLES[style]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +235,16 @@ def properties_to_target(
     return target * (visible[..., None] > 0)
 
 
-def _signed_distance(shape: int, py: np.ndarray, px: np.ndarray, r: float) -> np.ndarray:
+def _signed_distance(shape: int, py: np.ndarray, px: np.ndarray, r: float,
+                     angle: float = 0.0) -> np.ndarray:
     """Signed distance in pixels (negative inside) of a shape of radius r centred at 0.
 
-    py: [h, 1] and px: [1, w] pixel-centre offsets, y pointing down.
+    py: [h, 1] and px: [1, w] pixel-centre offsets, y pointing down. `angle` (radians) rotates
+    the shape; rotation is a rigid motion, so distances stay exact where they were.
     """
+    if angle and shape != 0:
+        c, s = np.cos(angle), np.sin(angle)
+        py, px = c * py - s * px, s * py + c * px  # [h, w] each: the frame rotated by -angle
     if shape == 0:  # circle
         return np.sqrt(py * py + px * px) - r
     if shape == 1:  # axis-aligned square, half side 0.85 r (area close to the circle's)
@@ -198,8 +269,9 @@ def _signed_distance(shape: int, py: np.ndarray, px: np.ndarray, r: float) -> np
 _EXTENT = 1.3
 
 
-def _sample_positions(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray:
-    """Centres (y, x) in [0, 1] with partial overlaps only; [K, 2]."""
+def _sample_positions(rng: np.random.Generator, scale: np.ndarray,
+                      separation: float = MIN_CENTRE_SEPARATION) -> np.ndarray:
+    """Centres (y, x) in [0, 1], kept `separation` x (sum of radii) apart when possible; [K, 2]."""
     k_total = scale.shape[0]
     lo = 0.8 * scale  # objects may be cut by the border a little, never mostly
     unit = rng.random((k_total, _POSITION_TRIES, 2))
@@ -213,7 +285,7 @@ def _sample_positions(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray
             worst = min(
                 (
                     ((cy - py) ** 2 + (cx - px) ** 2) ** 0.5
-                    / (MIN_CENTRE_SEPARATION * (radii[k] + radii[j]))
+                    / max(separation * (radii[k] + radii[j]), 1e-12)
                     for j, (py, px) in enumerate(chosen)
                 ),
                 default=np.inf,
@@ -227,11 +299,12 @@ def _sample_positions(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray
     return np.asarray(chosen, np.float64).reshape(k_total, 2)
 
 
-def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """A muted uniform colour or a gentle linear gradient; float32 [H, W, 3]."""
+def _background(rng: np.random.Generator, image_size: int, varied: bool = True) -> np.ndarray:
+    """A muted uniform colour or (varied) a gentle linear gradient; float32 [H, W, 3]."""
     u = rng.random(5)  # one call: Generator calls cost microseconds each
     base = BACKGROUNDS[int(u[0] * len(BACKGROUNDS))].astype(np.float32)  # [3]
-    kind = int(u[1] * 4)  # 0: uniform, 1: vertical, 2: horizontal, 3: diagonal gradient
+    # 0: uniform, 1: vertical, 2: horizontal, 3: diagonal gradient
+    kind = int(u[1] * 4) if varied else 0
     delta = (u[2:] * 50.0 - 25.0).astype(np.float32)  # [3] in [-25, 25)
     # Darkest background + most negative delta stays above 0, brightest + 25 below 255.
     ramp = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size  # [H]
@@ -255,12 +328,14 @@ def generate_scene(
     max_objects: int = 6,
     antialias: bool = True,
     min_visible_pixels: int = 4,
+    style: str | SceneStyle = "classic",
 ) -> dict[str, np.ndarray]:
-    """One scene, a pure function of (seed, index); see the module docstring for the keys."""
+    """One scene, a pure function of (seed, index, style); see the module docstring for the keys."""
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     if max_objects > 255:
         raise ValueError("max_objects must fit the uint8 mask (<= 255)")
+    look = scene_style(style)
     rng = np.random.default_rng([int(seed), int(index)])
     num = min_objects + int(rng.random() * (max_objects - min_objects + 1))
     # Uniform draws turned into categories: one Generator call instead of one per property.
@@ -268,11 +343,20 @@ def generate_scene(
     shape = (u[0] * len(SHAPES)).astype(np.int64)  # [K]
     color = (u[1] * len(COLORS)).astype(np.int64)
     size = (u[2] * len(SIZES)).astype(np.int64)
-    lo, hi = SCALE_RANGES[size, 0], SCALE_RANGES[size, 1]
+    ranges = np.asarray(look.scale_ranges, np.float64)  # [len(SIZES), 2]
+    lo, hi = ranges[size, 0], ranges[size, 1]
     scale = lo + u[3] * (hi - lo)  # [K]
-    position = _sample_positions(rng, scale)  # [K, 2]
+    position = _sample_positions(rng, scale, look.min_centre_separation)  # [K, 2]
 
-    image = _background(rng, image_size)  # [H, W, 3] float32
+    image = _background(rng, image_size, look.background == "varied")  # [H, W, 3] float32
+    rgb = PALETTE[color].astype(np.float32)  # [K, 3]
+    angle = np.zeros(num)
+    # Drawn after everything the classic style draws, so classic scenes stay what they were.
+    if look.color_jitter:
+        jitter = (rng.random((num, 3)) * 2.0 - 1.0) * look.color_jitter
+        rgb = np.clip(rgb + jitter.astype(np.float32), 0.0, 255.0)
+    if look.rotate:
+        angle = rng.random(num) * 2.0 * np.pi
     mask = np.zeros((image_size, image_size), np.uint8)  # [H, W]
     centres = position * image_size  # pixels
     radii = scale * image_size
@@ -285,7 +369,7 @@ def generate_scene(
             continue
         py = (np.arange(y0, y1, dtype=np.float32) + 0.5 - cy)[:, None]  # [h, 1]
         px = (np.arange(x0, x1, dtype=np.float32) + 0.5 - cx)[None, :]  # [1, w]
-        dist = _signed_distance(int(shape[k]), py, px, float(r))  # [h, w]
+        dist = _signed_distance(int(shape[k]), py, px, float(r), float(angle[k]))  # [h, w]
         inside = dist <= 0.0
         if antialias:
             # Area coverage of a pixel by a straight edge at signed distance d: 0.5 - d, clipped.
@@ -293,7 +377,7 @@ def generate_scene(
         else:
             cover = inside.astype(np.float32)
         window = image[y0:y1, x0:x1]  # view: painted in place
-        window += cover[..., None] * (PALETTE[color[k]].astype(np.float32) - window)
+        window += cover[..., None] * (rgb[k] - window)
         mask[y0:y1, x0:x1][inside] = k + 1
 
     counts = np.bincount(mask.ravel(), minlength=num + 1)[1:]  # [K]
@@ -341,9 +425,11 @@ class SyntheticScenes:
         max_objects: int = 6,
         index_offset: int = 0,
         antialias: bool = True,
+        style: str = "classic",
     ):
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
+        scene_style(style)  # an unknown name fails here, not in a loader worker
         self._num_examples = int(num_examples)
         self._index_offset = int(index_offset)
         self._kwargs = dict(
@@ -353,6 +439,8 @@ class SyntheticScenes:
             max_objects=int(max_objects),
             antialias=bool(antialias),
         )
+        if style != "classic":  # keeps repr (stored in iterator checkpoints) of classic sources
+            self._kwargs["style"] = str(style)
 
     def __len__(self) -> int:
         return self._num_examples
