@@ -118,9 +118,18 @@ def broyden(memory: int = 30, step_size: float = 1.0) -> Stepper:
         dg = g - state.g_prev
         vt = inv_rmatvec(state.us, state.vts, dx)
         denom = jnp.sum(vt * dg, axis=1, keepdims=True)
-        usable = state.started & (jnp.abs(denom) > 1e-12)  # [batch, 1]
+        # Skip the rank-one update where the secant pair is round-off: once a row has converged
+        # and the iteration keeps going (no tol), dx and dg are noise and updates built from
+        # them corrupt the inverse until the iterate blows up. Below a step of 100 eps |x| the
+        # row keeps iterating with its last inverse (a chord step).
+        eps = jnp.finfo(x.dtype).eps
+        step_norm = jnp.sqrt(jnp.sum(dx * dx, axis=1, keepdims=True))
+        x_norm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+        usable = (state.started & (jnp.abs(denom) > 1e-12)
+                  & (step_norm > 100 * eps * x_norm))  # [batch, 1]
         safe = jnp.where(usable, denom, 1.0)
         u = (dx - inv_matvec(state.us, state.vts, dg)) / safe
+        usable = usable & jnp.all(jnp.isfinite(u) & jnp.isfinite(vt), axis=1, keepdims=True)
         u = jnp.where(usable, u, 0.0)
         vt = jnp.where(usable, vt, 0.0)
         advance = jnp.any(usable)
