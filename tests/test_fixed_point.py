@@ -15,7 +15,13 @@ from jax.test_util import check_grads
 from fixed_slots import fixed_point_layer
 from fixed_slots.fixed_point import (
     GRAD_MODES,
+    Broyden,
     FixedPointInfo,
+    Implicit,
+    Iterate,
+    Neumann,
+    Phantom,
+    Unroll,
     jacobian_spectral_norm,
     parse_grad_mode,
 )
@@ -338,22 +344,43 @@ def test_spectral_norm_per_example_with_batch_axis():
                                    rtol=1e-3)
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("unroll", ("iterate", "unroll", 1, "iterate")),
-    ("neumann1", ("iterate", "neumann", 1, "iterate")),
-    ("neumann4", ("iterate", "neumann", 4, "iterate")),
-    ("implicit", ("iterate", "implicit", 1, "iterate")),
-    ("IN", ("iterate", "neumann", 1, "iterate")),
-    ("IB", ("iterate", "implicit", 1, "broyden")),
-    ("BN", ("broyden", "neumann", 1, "iterate")),
-    ("BB", ("broyden", "implicit", 1, "broyden")),
+T_PAPER = 4
+
+
+@pytest.mark.parametrize("name,solver,grad", [
+    ("unroll", Iterate(T_PAPER), Unroll()),
+    ("neumann1", Iterate(T_PAPER), Phantom(1)),
+    ("neumann3", Iterate(T_PAPER), Phantom(3)),
+    ("series1", Iterate(T_PAPER + 1), Neumann(1)),
+    ("series4", Iterate(T_PAPER + 1), Neumann(4)),
+    ("implicit", Iterate(T_PAPER + 1), Implicit(Iterate(T_PAPER + 1))),
+    ("IN", Iterate(T_PAPER), Phantom(1)),
+    ("IB", Iterate(T_PAPER + 1), Implicit(Broyden(T_PAPER + 1))),
+    ("BN", Broyden(T_PAPER + 1), Neumann(1)),
+    ("BB", Broyden(T_PAPER + 1), Implicit(Broyden(T_PAPER + 1))),
 ])
-def test_parse_grad_mode(name, expected):
+def test_parse_grad_mode_gives_the_paper_count_as_objects(name, solver, grad):
     mode = parse_grad_mode(name)
-    assert (mode.solver, mode.grad, mode.neumann_order, mode.adjoint_solver) == expected
+    assert mode.layer_options(T_PAPER) == {"solver": solver, "grad": grad}
     params, x = make_problem()
-    z, _ = fixed_point_layer(f, params, jnp.zeros(N), x, max_iter=3, **mode.kwargs())
-    assert z.shape == (N,)
+    # The string form of the same mode is the same call.
+    z1, i1 = fixed_point_layer(f, params, jnp.zeros(N), x, **mode.layer_kwargs(T_PAPER))
+    z2, i2 = fixed_point_layer(f, params, jnp.zeros(N), x, **mode.layer_options(T_PAPER))
+    np.testing.assert_array_equal(z1, z2)
+    assert i2.residuals.shape == (solver.max_iter,)
+
+
+def test_layer_options_take_the_open_options_and_refuse_the_ones_the_mode_sets():
+    mode = parse_grad_mode("IB")
+    opts = mode.layer_options(3, tol=1e-4, broyden_memory=5, adjoint_max_iter=9,
+                              adjoint_on_failure="nan")
+    assert opts == {"solver": Iterate(4, tol=1e-4),
+                    "grad": Implicit(Broyden(9, memory=5), on_failure="nan")}
+    assert parse_grad_mode("neumann2").layer_options(3, adjoint_max_iter=9)["grad"] == Phantom(2)
+    with pytest.raises(ValueError, match="max_iter set by the grad mode"):
+        mode.layer_options(3, max_iter=5)
+    with pytest.raises(ValueError, match="adjoint_on_failure must be one of"):
+        mode.layer_options(3, adjoint_on_failure="ignore")
 
 
 @pytest.mark.parametrize("bad", ["neumann0", "neuman1", "ib", "vanilla", "", "neumann-1"])

@@ -373,8 +373,8 @@ def fixed_point_layer(
       throw: raise at run time when the forward solve did not converge (info.converged false).
       **string_options: the string form's flat options (max_iter, tol, damping, anderson_memory,
         anderson_mixing, broyden_memory, neumann_order, adjoint_solver, adjoint_max_iter,
-        adjoint_tol, phantom_steps, phantom_damping, adjoint_callback); only with string
-        solver and grad.
+        adjoint_tol, adjoint_on_failure, phantom_steps, phantom_damping, adjoint_callback);
+        only with string solver and grad.
 
     Returns:
       (z_star, info) or ((z_star, aux), info) with has_aux; info is a FixedPointInfo.

@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any
 
+from fixed_slots.fixed_point import options
+
 # name -> (solver, layer gradient, order K, adjoint solver)
 _FIXED = {
     "unroll": ("iterate", "unroll", 1, "iterate"),
@@ -42,8 +44,10 @@ VALID_GRAD_MODES = ("unroll", "neumann1", "neumann2", "...", "neumannK", "series
 class GradMode:
     """Forward solver x gradient estimator of one config string.
 
-    `layer_kwargs(T)` gives the `fixed_point_layer` keyword arguments that run the paper's T
-    iterations in this mode (see the module docstring for the update counts).
+    `layer_options(T, **options)` gives the solver and gradient objects that run the paper's T
+    iterations in this mode (see the module docstring for the update counts), e.g. for "IB" and
+    T = 7: `{"solver": Iterate(max_iter=8), "grad": Implicit(adjoint=Broyden(max_iter=8))}`;
+    `layer_kwargs(T)` is the same call in the string form.
     """
     solver: str
     grad: str  # the layer's gradient: "unroll" | "phantom" | "neumann" (series) | "implicit"
@@ -75,6 +79,22 @@ class GradMode:
             if self.grad == "neumann":
                 kwargs["neumann_order"] = self.order
         return kwargs
+
+
+    def layer_options(self, num_iterations: int, **string_options: Any) -> dict[str, Any]:
+        """{"solver": ..., "grad": ...} objects for T = num_iterations.
+
+        string_options are the string form's flat options that the mode leaves open (tol,
+        damping, anderson_memory, broyden_memory, adjoint_max_iter, adjoint_tol,
+        adjoint_on_failure, ...); one the mode sets (max_iter, phantom_steps, ...) is refused.
+        """
+        kwargs = self.layer_kwargs(num_iterations)
+        clash = sorted(set(string_options) & set(kwargs))
+        if clash:
+            raise ValueError(f"{', '.join(clash)} set by the grad mode; choose them through it")
+        solver, grad = options.resolve(kwargs.pop("solver"), kwargs.pop("grad"),
+                                       {**kwargs, **string_options})
+        return {"solver": solver, "grad": grad}
 
 
 def parse_grad_mode(name: str) -> GradMode:

@@ -257,7 +257,7 @@ _GRADIENT_TYPES = (Unroll, Neumann, Implicit, Phantom)
 _SOLVER_KEYS = ("max_iter", "tol", "damping", "anderson_memory", "anderson_mixing",
                 "broyden_memory")
 _GRAD_KEYS = ("neumann_order", "adjoint_solver", "adjoint_max_iter", "adjoint_tol",
-              "phantom_steps", "phantom_damping", "adjoint_callback")
+              "adjoint_on_failure", "phantom_steps", "phantom_damping", "adjoint_callback")
 STRING_OPTIONS = _SOLVER_KEYS + _GRAD_KEYS
 _INT_KEYS = ("max_iter", "anderson_memory", "broyden_memory", "neumann_order", "adjoint_max_iter",
              "phantom_steps")
@@ -269,7 +269,9 @@ def resolve(solver: Any, grad: Any, options: dict[str, Any]
     """(solver, grad, flat options) of a `fixed_point_layer` call -> (solver, gradient) objects.
 
     Strings with flat options are the compatibility form; objects carry their own options, so
-    flat options next to an object are refused (they would be silently ambiguous).
+    flat options next to an object are refused (they would be silently ambiguous). Flat options
+    that do not apply to the named solver or gradient (adjoint_max_iter with grad="neumann")
+    are validated and ignored, so that one set of config options serves every mode.
     """
     owner = "fixed_point_layer"
     unknown = sorted(set(options) - set(STRING_OPTIONS))
@@ -290,6 +292,9 @@ def resolve(solver: Any, grad: Any, options: dict[str, Any]
             o[name] = _tol(owner, value, name)
         elif name in _UNIT_KEYS:
             o[name] = _unit_interval(owner, name, value)
+    if o.get("adjoint_on_failure", "fallback") not in ON_FAILURE:
+        raise _bad(owner, f"adjoint_on_failure must be one of {', '.join(ON_FAILURE)}, got "
+                          f"{o['adjoint_on_failure']!r}")
     if o.get("adjoint_solver", "iterate") not in ADJOINT_SOLVERS:
         raise _bad(owner, f"unknown adjoint_solver {o['adjoint_solver']!r}; valid: "
                           f"{', '.join(ADJOINT_SOLVERS)}")
@@ -332,7 +337,8 @@ def resolve(solver: Any, grad: Any, options: dict[str, Any]
                 adjoint = Broyden(budget, tol, **broyden)
             else:
                 adjoint = GMRES(budget, 1e-6 if tol is None else tol)
-            grad = Implicit(adjoint, callback=o.get("adjoint_callback"))
+            grad = Implicit(adjoint, on_failure=o.get("adjoint_on_failure", "fallback"),
+                            callback=o.get("adjoint_callback"))
         else:
             raise _bad(owner, f"unknown grad {grad!r}; valid gradient modes: "
                               f"{', '.join(GRAD_MODES)}")
