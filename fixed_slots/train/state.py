@@ -26,18 +26,19 @@ from fixed_slots.train.train_step import (  # noqa: F401  (re-exported)
 )
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bool = True
-          ) -> tuple[nnx.GraphDef, TrainState, Callable]:
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bool = True,
+          flat_optimizer: bool = True) -> tuple[nnx.GraphDef, TrainState, Callable]:
     """(graphdef, initial state replicated on the mesh, jitted train step).
 
     The step is `step(state, batch, base_key) -> (state, metrics)`, compiled once, with the batch
     sharded over the data axis. `donate` lets the step write the new state into the old state's
     buffers (no second copy of params and optimiser state); False only for the before/after
-    memory benchmark.
+    memory benchmark. `flat_optimizer=False` (the per-leaf optimizer) only for the before/after
+    kernel counts.
     """
     model = models.create(config, rngs=nnx.Rngs(config.seed))
     graphdef, params = split_params(model)
-    tx = make_optimizer(config.optim, params)
+    tx = make_optimizer(config.optim, params, flat=flat_optimizer)
     state = sharding.replicate(TrainState.create(params, tx), mesh)
     step_fn = make_train_step(graphdef, tx, decay=config.optim.decay)
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
