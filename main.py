@@ -1,27 +1,51 @@
-"""Train or evaluate: python main.py --config=configs/default.py --workdir=/tmp/run [--mode=eval]."""
-import fixed_slots.train  # noqa: F401  (first: names the `train` extra if the stack is missing)
-from absl import app, flags
+"""Train, evaluate or show a config.
+
+    python main.py --config=configs/default.py --workdir=/tmp/run            # train (resumes)
+    python main.py --config=configs/default.py --workdir=/tmp/run --mode=eval
+    python main.py --config=configs/slate_clevr.py --mode=show_config        # keys, values, choices
+
+`--config=path:arg` picks a variant of a config file (e.g. `configs/default.py:tiny`), and
+`--config.KEY=VALUE` overrides any key. Mistakes in flags, config, data or workdir print one or
+two lines and exit with code 2; `--verbosity=0` (or `-v 0`) also shows the libraries' INFO logs.
+"""
+from absl import flags
 from ml_collections import config_flags
 
+from fixed_slots import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Experiment config file.", lock_config=True)
+    "config", "configs/default.py", "Experiment config file (`path` or `path:variant`).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and event files go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train, or evaluate the latest checkpoint.")
-flags.mark_flags_as_required(["workdir"])
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "show_config"],
+                          "Train (resuming from workdir), evaluate the latest checkpoint, or "
+                          "print the resolved config with the allowed values of its choice keys.")
+_ACCEPT_CHANGE = flags.DEFINE_list(
+    "accept_config_change", [],
+    "Config keys (e.g. train.num_steps) allowed to differ from the checkpoints' config when "
+    "resuming; any other change to a run's meaning is refused.")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if _MODE.value == "show_config":
+        from fixed_slots import configlib
+
+        print(configlib.describe(config))
+        return
+    if not _WORKDIR.value:
+        raise cli.UserError(f"--workdir is required for --mode={_MODE.value}")
     if _MODE.value == "train":
         from fixed_slots.train.trainer import train_and_evaluate
 
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(config, _WORKDIR.value, accept_config_change=_ACCEPT_CHANGE.value)
     else:
         from fixed_slots.eval.evaluate import evaluate
 
-        evaluate(_CONFIG.value, _WORKDIR.value)
+        evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,9 +13,8 @@ from typing import Sequence
 
 import ml_collections
 
+from fixed_slots.errors import ConfigError
 from fixed_slots.fixed_point import parse_grad_mode
-
-MODEL_NAMES = ("slate", "slot_autoencoder", "set_prediction")
 
 
 def _common(model_name: str) -> ml_collections.ConfigDict:
@@ -65,13 +64,20 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     c.optim.main_lr = 1e-4
     c.optim.use_warmup = True
     c.optim.warmup_steps = 30_000
-    # The official code halves both rates when the validation loss stalls for 4 epochs; we
-    # halve on the training loss averaged over windows of plateau_accumulation_steps.
-    c.optim.decay = "plateau"
+    # "validation_plateau" is the official SLATE rule: the validation loss, evaluated every
+    # validation_every_steps (None: once per epoch of the training split, as the official code),
+    # not strictly below its best plateau_patience times in a row halves both rates
+    # (fixed_slots.train.plateau). "plateau": optax's reduce_on_plateau on the training loss
+    # averaged over windows of plateau_accumulation_steps; "exponential": halve every
+    # decay_half_life steps; "none".
+    c.optim.decay = "validation_plateau"
     c.optim.decay_half_life = 250_000
     c.optim.plateau_patience = 4
     c.optim.plateau_factor = 0.5
     c.optim.plateau_accumulation_steps = 2_000
+    c.optim.validation_every_steps = ml_collections.config_dict.placeholder(int)
+    # Batches of eval.batch_size per validation pass; None: the whole validation split.
+    c.optim.validation_batches = ml_collections.config_dict.placeholder(int)
     c.optim.clip = "inf_norm"
     c.optim.clip_value = 1.0
     c.optim.b1 = 0.9
@@ -187,11 +193,39 @@ def tiny_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def from_file(path: str, assignments: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """get_config() of a config file (as main.py's --config), with `override` assignments."""
+    """get_config() of a config file (as main.py's --config), with `override` assignments.
+
+    `path:variant` calls `get_config("variant")` (ml_collections' config_flags convention, e.g.
+    `configs/default.py:tiny`); a file whose get_config takes no argument has no variants.
+    """
+    path, sep, variant = path.partition(":")
     spec = importlib.util.spec_from_file_location("config_file", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return override(module.get_config(), assignments)
+    config = module.get_config(variant) if sep else module.get_config()
+    return override(config, assignments)
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as `key = value` lines, with the allowed values of the choice keys."""
+    allowed = choices()
+    lines = []
+
+    def walk(prefix: str, node: ml_collections.ConfigDict) -> None:
+        for key in node.keys():  # insertion order: the order the config file reads
+            value = node[key]
+            name = f"{prefix}{key}"
+            if isinstance(value, ml_collections.ConfigDict):
+                lines.append(f"{name}:")
+                walk(name + ".", value)
+                continue
+            line = f"{name} = {value!r}"
+            if name in allowed:
+                line = f"{line:<48}  # one of: {', '.join(str(a) for a in allowed[name])}"
+            lines.append(line)
+
+    walk("", config)
+    return "\n".join(lines)
 
 
 def training_only(config: ml_collections.ConfigDict, steps: int, log_every: int
@@ -236,46 +270,144 @@ def override(config: ml_collections.ConfigDict, assignments: Sequence[str]
     return config
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Config key -> its allowed values, each list read from the module that implements it."""
+    from fixed_slots import models
+    from fixed_slots.data.pipeline import CROP_MODES
+    from fixed_slots.data.sources import DATASETS
+    from fixed_slots.fixed_point.modes import VALID_GRAD_MODES
+    from fixed_slots.models.set_prediction import LAYOUTS
+    from fixed_slots.modules.transformer import ATTENTION_IMPLS
+    from fixed_slots.train.optim import CLIPS, DECAYS
+
+    return {
+        "grad": VALID_GRAD_MODES,
+        "model.name": models.NAMES,
+        "data.name": DATASETS,
+        "data.crop": CROP_MODES,
+        "optim.decay": DECAYS,
+        "optim.clip": CLIPS,
+        "train.compute_dtype": COMPUTE_DTYPES,
+        "slate.attention_impl": tuple(i for i in ATTENTION_IMPLS if i is not None),
+        "set_prediction.layout": ("auto",) + tuple(LAYOUTS),
+    }
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+_NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)")
+_POSITIVE = (lambda v: _is_num(v) and v > 0, "a number > 0")
+_OPTIONAL_POSITIVE = (lambda v: v is None or (_is_num(v) and v > 0), "None or a number > 0")
+_OPTIONAL_POSITIVE_INT = (lambda v: v is None or (_is_int(v) and v >= 1),
+                          "None or a positive integer")
+_UNIT_OPEN = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+_UNIT_EXCLUSIVE = (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)")
+_DAMPING = (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]")
+_POSITIVE_INTS = (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                  and all(_is_int(x) and x >= 1 for x in v), "a non-empty tuple of positive ints")
+
+# Every numeric key whose sign or range is fixed (keys a config does not have are skipped).
+RANGES = {
+    "seed": _NON_NEGATIVE_INT,
+    "slot_attention.num_slots": _POSITIVE_INT,
+    "slot_attention.num_iterations": _POSITIVE_INT,
+    "slot_attention.eval_num_iterations": (
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "None (follow num_iterations) or a positive integer"),
+    "slot_attention.slot_size": _POSITIVE_INT,
+    "slot_attention.mlp_hidden_size": _POSITIVE_INT,
+    "slot_attention.num_heads": _POSITIVE_INT,
+    "slot_attention.epsilon": _POSITIVE,
+    "slot_attention.tol": _OPTIONAL_POSITIVE,
+    "slot_attention.damping": _DAMPING,
+    "slot_attention.broyden_memory": _POSITIVE_INT,
+    "slot_attention.adjoint_max_iter": _OPTIONAL_POSITIVE_INT,
+    "data.image_size": _POSITIVE_INT,
+    "optim.dvae_lr": _POSITIVE,
+    "optim.main_lr": _POSITIVE,
+    "optim.warmup_steps": _NON_NEGATIVE_INT,
+    "optim.decay_half_life": _POSITIVE,
+    "optim.plateau_patience": _POSITIVE_INT,
+    "optim.plateau_factor": _UNIT_EXCLUSIVE,
+    "optim.plateau_accumulation_steps": _POSITIVE_INT,
+    "optim.validation_every_steps": _OPTIONAL_POSITIVE_INT,
+    "optim.validation_batches": _OPTIONAL_POSITIVE_INT,
+    "optim.clip_value": _POSITIVE,
+    "optim.b1": _UNIT_OPEN,
+    "optim.b2": _UNIT_OPEN,
+    "optim.eps": _POSITIVE,
+    "train.batch_size": _POSITIVE_INT,
+    "train.num_steps": _POSITIVE_INT,
+    "train.log_every_steps": _POSITIVE_INT,
+    "train.image_every_steps": _NON_NEGATIVE_INT,
+    "train.jacobian_every_steps": _NON_NEGATIVE_INT,
+    "train.checkpoint_every_steps": _POSITIVE_INT,
+    "train.max_checkpoints_to_keep": _OPTIONAL_POSITIVE_INT,
+    "train.num_devices": _OPTIONAL_POSITIVE_INT,
+    "eval.num_batches": _NON_NEGATIVE_INT,
+    "eval.batch_size": _POSITIVE_INT,
+    "eval.num_images": _POSITIVE_INT,
+    "slate.vocab_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "slate.d_model": _POSITIVE_INT,
+    "slate.num_decoder_blocks": _POSITIVE_INT,
+    "slate.num_decoder_heads": _POSITIVE_INT,
+    "slate.dropout": _UNIT_OPEN,
+    "slate.dvae_hidden": _POSITIVE_INT,
+    "slate.tau_start": _POSITIVE,
+    "slate.tau_final": _POSITIVE,
+    "slate.tau_steps": _NON_NEGATIVE_INT,
+    "autoencoder.encoder_channels": _POSITIVE_INTS,
+    "autoencoder.encoder_strides": _POSITIVE_INTS,
+    "autoencoder.decoder_channels": _POSITIVE_INTS,
+    "autoencoder.decoder_strides": _POSITIVE_INTS,
+    "autoencoder.broadcast_size": _POSITIVE_INT,
+    "autoencoder.kernel_size": _POSITIVE_INT,
+    "set_prediction.mlp_hidden": _POSITIVE_INT,
+}
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+    """(True, value) for a dotted key, (False, None) if the config lacks it."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key when a config value is out of its domain."""
+    """Raises ConfigError naming the key when a config value is out of its domain."""
 
     def bad(key, value, expected):
-        raise ValueError(f"config.{key}={value!r} is invalid: expected {expected}")
+        raise ConfigError(f"config.{key}={value!r} is invalid: expected {expected}")
 
     try:
         parse_grad_mode(config.grad)
     except ValueError as e:
-        raise ValueError(f"config.grad: {e}") from None
-    if config.model.name not in MODEL_NAMES:
-        bad("model.name", config.model.name, f"one of {MODEL_NAMES}")
-    if config.slot_attention.eval_num_iterations is not None and not (
-            isinstance(config.slot_attention.eval_num_iterations, int)
-            and config.slot_attention.eval_num_iterations >= 1):
-        bad("slot_attention.eval_num_iterations", config.slot_attention.eval_num_iterations,
-            "None (follow num_iterations) or a positive integer")
-    positive = ["slot_attention.num_slots", "slot_attention.num_iterations",
-                "slot_attention.slot_size",
-                "slot_attention.mlp_hidden_size", "slot_attention.num_heads", "data.image_size",
-                "train.batch_size", "train.num_steps", "train.log_every_steps",
-                "train.checkpoint_every_steps"]
-    for key in positive:
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        if not isinstance(value, int) or value < 1:
-            bad(key, value, "a positive integer")
+        raise ConfigError(f"config.grad: {e}") from None
+    for key, allowed in choices().items():
+        present, value = _lookup(config, key)
+        if present and key != "grad" and value not in allowed:
+            bad(key, value, "one of " + ", ".join(repr(a) for a in allowed))
+    for key, (ok, expected) in RANGES.items():
+        present, value = _lookup(config, key)
+        if present and not ok(value):
+            bad(key, value, expected)
     if config.slot_attention.slot_size % config.slot_attention.num_heads:
         bad("slot_attention.num_heads", config.slot_attention.num_heads,
             f"a divisor of slot_size={config.slot_attention.slot_size}")
-    if config.optim.decay not in ("none", "exponential", "plateau"):
-        bad("optim.decay", config.optim.decay, "'none', 'exponential' or 'plateau'")
-    if config.optim.clip not in ("none", "global_norm", "inf_norm"):
-        bad("optim.clip", config.optim.clip, "'none', 'global_norm' or 'inf_norm'")
-    if config.train.compute_dtype not in ("float32", "bfloat16"):
-        bad("train.compute_dtype", config.train.compute_dtype, "'float32' or 'bfloat16'")
     if config.model.name == "slate":
-        if config.slate.attention_impl not in ("xla", "cudnn", "einsum"):
-            bad("slate.attention_impl", config.slate.attention_impl, "'xla', 'cudnn' or 'einsum'")
         if config.slate.attention_impl == "cudnn":
             # Fail here rather than on the GPU (float32) or silently fall back to the unfused
             # path in training (dropout on the probabilities, which the fused kernel lacks).
@@ -292,6 +424,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.slate.d_model % config.slate.num_decoder_heads:
             bad("slate.num_decoder_heads", config.slate.num_decoder_heads,
                 f"a divisor of d_model={config.slate.d_model}")
+        if config.slate.tau_final > config.slate.tau_start:
+            bad("slate.tau_final", config.slate.tau_final,
+                f"at most slate.tau_start={config.slate.tau_start} (the temperature anneals down)")
     import jax  # the device count decides how the batch splits
 
     devices = config.train.num_devices or jax.device_count()

@@ -48,7 +48,8 @@ def test_sharded_equals_unsharded(tmp_path):
 def test_resume_equals_uninterrupted_and_writes_events(tmp_path):
     full = train_and_evaluate(tiny(**{"train.num_steps": 4}), str(tmp_path / "full"))
     first = train_and_evaluate(tiny(**{"train.num_steps": 2}), str(tmp_path / "split"))
-    second = train_and_evaluate(tiny(**{"train.num_steps": 4}), str(tmp_path / "split"))
+    second = train_and_evaluate(tiny(**{"train.num_steps": 4}), str(tmp_path / "split"),
+                                accept_config_change=["train.num_steps"])
     assert [h["step"] for h in second] == [3, 4]
     np.testing.assert_allclose(losses(first + second), losses(full), rtol=1e-6)
     assert glob.glob(str(tmp_path / "full" / "**" / "events.out.tfevents*"), recursive=True)
@@ -82,17 +83,6 @@ def _run_main(args, **kw):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, **kw)
-
-
-def test_config_typo_fails_with_a_clear_message(tmp_path):
-    result = _run_main(["--config=configs/tiny.py", "--config.grda=neumann1",
-                        f"--workdir={tmp_path}"], timeout=300)
-    assert result.returncode != 0
-    assert "grda" in result.stderr and "grad" in result.stderr
-    bad_value = _run_main(["--config=configs/tiny.py", "--config.grad=neuman1",
-                           f"--workdir={tmp_path}"], timeout=300)
-    assert bad_value.returncode != 0
-    assert "unknown grad mode 'neuman1'" in bad_value.stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

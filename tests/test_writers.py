@@ -118,16 +118,21 @@ class FakeClock:
 def test_progress_line_rate_eta_and_logging_cadence(caplog):
     clock = FakeClock()
     progress = writers.ProgressLine(1000, start_step=100, every_steps=5, window=10,
-                                    stream=io.StringIO(), clock=clock)
+                                    stream=io.StringIO(), clock=clock,
+                                    show=("loss", "cross_entropy"))
     printed = []
-    with caplog.at_level(logging.INFO):
+    clock.now = 60.0  # the first step compiles for a minute: not part of the rate or the ETA
+    with caplog.at_level(logging.INFO, logger="fixed_slots"):
         for step in range(101, 121):
             clock.now += 0.1  # 10 steps/s
-            printed.append(progress.update(step))
+            metrics = {"loss": 1.25, "cross_entropy": 0.5, "dvae_mse": 9.0} if step == 115 else None
+            printed.append(progress.update(step, metrics))
     assert progress.rate() == pytest.approx(10.0)
     assert progress.eta_seconds() == pytest.approx(88.0)  # 880 steps left
     assert [p is not None for p in printed] == [(s % 5 == 0) for s in range(101, 121)]
-    assert "step 120/1000 (12.0%)  10.00 steps/s  ETA 0:01:28" in caplog.text
+    assert ("step 120/1000 (12.0%)  loss 1.25  cross_entropy 0.5  10.00 steps/s  ETA 0:01:28"
+            in caplog.text)
+    assert "dvae_mse" not in caplog.text
     assert writers.format_duration(2 * 86400 + 3661) == "2d 1:01:01"
     assert writers.format_duration(float("inf")) == "?"
 

@@ -8,8 +8,9 @@ TensorBoard event files under `logdir`: the dashboard is `tensorboard --logdir=.
 Differences of the tensorboardX path: a batch of images becomes one grid image per tag, and scalars
 are stored as `simple_value` (CLU stores tensors); TensorBoard shows both the same way.
 
-`ProgressLine` prints step, steps/s over the recent steps and the ETA: one line redrawn in place
-when its stream is a terminal, else an absl log line every `every_steps` steps.
+`ProgressLine` prints step, the latest loss (and the model's main metric), steps/s over the recent
+steps and the ETA: one line redrawn in place when its stream is a terminal, else a line of the
+`fixed_slots` logger every `every_steps` steps.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
 from absl import logging
+
+from fixed_slots import log
 
 
 def _tensorflow_available() -> bool:
@@ -220,46 +223,63 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """Console progress: step, steps/s over the last `window` updates, and ETA.
+    """Console progress: step, the latest metrics, steps/s over the recent steps, and the ETA.
+
+    The rate window starts at the first `update`, i.e. after the first step has compiled and
+    run, so compilation (tens of seconds, again after every resume) never enters the speed or
+    the ETA. `update(step, metrics)` with the metrics fetched at a logging step shows them (e.g.
+    `loss 0.812  cross_entropy 0.65`) until the next ones.
 
     On a terminal (`stream.isatty()`) one line is redrawn in place at most every
-    `min_redraw_seconds` (and at the last step); otherwise an absl INFO line is logged every
-    `every_steps` steps and at the last step.
+    `min_redraw_seconds` (and at the last step); otherwise a line goes to the `fixed_slots`
+    logger every `every_steps` steps and at the last step.
     """
 
     def __init__(self, num_steps: int, *, start_step: int = 0, every_steps: int = 100,
                  window: int = 50, stream: TextIO | None = None, min_redraw_seconds: float = 0.5,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 show: tuple[str, ...] = ("loss",)):
         self.num_steps = int(num_steps)
         self.every_steps = max(1, int(every_steps))
         self.min_redraw_seconds = min_redraw_seconds
+        self.show = tuple(show)
         self._stream = stream if stream is not None else sys.stdout
         isatty = getattr(self._stream, "isatty", None)
         self._tty = bool(isatty and isatty())
         self._clock = clock
-        self._samples = collections.deque([(clock(), int(start_step))], maxlen=max(2, window))
+        self._step = int(start_step)
+        self._samples: collections.deque = collections.deque(maxlen=max(2, window))
+        self._metrics: dict[str, float] = {}
         self._last_draw = -math.inf
         self._line_open = False
 
     def rate(self) -> float:
-        """Steps per second over the recent window (0.0 before two samples)."""
+        """Steps per second over the recent window (0.0 before two updates)."""
+        if len(self._samples) < 2:
+            return 0.0
         (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
     def eta_seconds(self) -> float:
-        step, rate = self._samples[-1][1], self.rate()
-        return (self.num_steps - step) / rate if rate > 0 else math.inf
+        rate = self.rate()
+        return (self.num_steps - self._step) / rate if rate > 0 else math.inf
 
     def line(self) -> str:
-        step = self._samples[-1][1]
+        step = self._step
         percent = 100.0 * step / self.num_steps if self.num_steps else 100.0
-        return (f"step {step}/{self.num_steps} ({percent:.1f}%)  {self.rate():.2f} steps/s  "
+        shown = "".join(f"  {name} {self._metrics[name]:.4g}" for name in self.show
+                        if name in self._metrics)
+        rate = f"{self.rate():.2f} steps/s" if len(self._samples) > 1 else "? steps/s"
+        return (f"step {step}/{self.num_steps} ({percent:.1f}%){shown}  {rate}  "
                 f"ETA {format_duration(self.eta_seconds())}")
 
-    def update(self, step: int) -> str | None:
-        """Records that `step` is done; returns the line if one was printed."""
+    def update(self, step: int, metrics: Mapping[str, float] | None = None) -> str | None:
+        """Records that `step` is done (with the metrics logged at it); returns the printed line."""
         now, step = self._clock(), int(step)
+        self._step = step
         self._samples.append((now, step))
+        if metrics:
+            self._metrics.update({k: float(v) for k, v in metrics.items() if k in self.show})
         last = step >= self.num_steps
         if self._tty:
             if not last and now - self._last_draw < self.min_redraw_seconds:
@@ -273,7 +293,7 @@ class ProgressLine:
             return text
         if step % self.every_steps == 0 or last:
             text = self.line()
-            logging.info("%s", text)
+            log.info("%s", text)
             return text
         return None
 

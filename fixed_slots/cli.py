@@ -1,0 +1,132 @@
+"""What main.py needs around absl: config flags checked before absl parses them, a quiet console,
+and user mistakes printed as one or two plain lines with exit code 2.
+
+`run(main)` replaces `absl.app.run(main)`. A misspelt `--config.KEY`, a missing config file, a
+value absl or ml_collections cannot parse, and any `fixed_slots.errors.UserError` raised while
+running end the process with `error: ...` on stderr and exit code 2; other exceptions are our bugs
+and keep their tracebacks.
+
+Console: third-party libraries log through absl at INFO (orbax prints ~40 lines per checkpoint);
+unless `--verbosity` (absl's flag, `-v`) is given, absl's threshold is WARNING and only our own
+lines (the `fixed_slots` logger, see `fixed_slots.log`) and warnings reach the console.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Callable, Sequence
+
+from fixed_slots.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
+    """(flag, value) for every `--name=V`, `--name V`, `--name.key=V` and `--name.key V`."""
+    found = []
+    args = list(argv[1:])
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        for prefix in (f"--{name}", f"-{name}"):
+            if arg.startswith(prefix + "=") or arg.startswith(prefix + "."):
+                flag, has_value, value = arg.partition("=")
+                if not has_value:  # `--config.key value`
+                    value = args[i + 1] if i + 1 < len(args) else ""
+                found.append((flag.lstrip("-"), value))
+            elif arg == prefix:
+                found.append((name, args[i + 1] if i + 1 < len(args) else ""))
+    return found
+
+
+def config_file_and_arg(spec: str) -> tuple[str, str | None]:
+    """`path` or `path:arg` (ml_collections' config_flags syntax) -> (path, arg)."""
+    path, sep, arg = spec.partition(":")
+    return path, (arg if sep else None)
+
+
+def unknown_key_message(config, dotted: str) -> str | None:
+    """None if `dotted` names a key of `config`; else a message with the closest keys."""
+    import ml_collections
+
+    node, parents = config, []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            where = "config." + ".".join(parents)
+            return (f"config key 'config.{dotted}' does not exist: {where} is a value, "
+                    f"not a section")
+        if part not in node:
+            where = "config" + "".join("." + p for p in parents)
+            keys = sorted(node.keys())
+            close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+            hint = (f" did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+            return (f"config key 'config.{dotted}' does not exist;{hint}\n"
+                    f"       keys of {where}: {', '.join(keys)}")
+        node, parents = node[part], parents + [part]
+    return None
+
+
+def check_config_flags(argv: Sequence[str], default_config: str) -> None:
+    """The config file exists and every `--config.KEY` names a key (raises UserError)."""
+    from fixed_slots import configlib
+
+    specs = [v for flag, v in _flag_values(argv, "config") if flag == "config"]
+    spec = specs[-1] if specs else default_config
+    path, _ = config_file_and_arg(spec)
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found (--config={spec}); the configs are "
+                        f"in configs/, e.g. --config=configs/default.py")
+    config = configlib.from_file(spec)
+    for flag, _ in _flag_values(argv, "config"):
+        if flag.startswith("config."):
+            message = unknown_key_message(config, flag[len("config."):])
+            if message:
+                raise UserError(message)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    from absl import flags
+    from absl import logging
+
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(f"{e}\n       (python {os.path.basename(argv[0])} --helpfull lists the flags)")
+    except UserError as e:
+        _fail(str(e))
+    except Exception as e:  # ml_collections' config_flags raise plain exceptions on bad values
+        text = " ".join(str(e).split())
+        _fail(f"could not parse the flags: {type(e).__name__}: {text[:300]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs off; ours use their own logger
+    return remaining
+
+
+def run(main: Callable[[list[str]], None], default_config: str = "configs/default.py") -> None:
+    """absl.app.run(main) with config flags checked first and user errors as plain lines."""
+    from absl import app
+
+    try:
+        check_config_flags(sys.argv, default_config)
+    except UserError as e:
+        _fail(str(e))
+
+    def guarded(argv: list[str]) -> None:
+        from fixed_slots import log
+
+        log.configure()
+        try:
+            main(argv)
+        except UserError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    app.run(guarded, flags_parser=_parse_flags)

@@ -1,0 +1,159 @@
+"""main.py as a user meets it: one-line errors with exit code 2, a quiet console, show_config,
+one run per workdir, and a resumed run refusing a changed config."""
+import glob
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fixed_slots.errors import WorkdirError
+from fixed_slots.train import workdir as workdir_lib
+from helpers import ROOT, load_config
+
+TINY = ["--config=configs/tiny.py", "--config.train.image_every_steps=0",
+        "--config.train.jacobian_every_steps=0"]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _main(args, timeout=300):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_user_error(result, *needles):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert 1 <= len(lines) <= 2, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config.grda=neumann1"], ["'config.grda' does not exist", "did you mean 'grad'",
+                                  "keys of config: data, eval, grad"]),
+    (["--config.optim.main_lrr=1"], ["did you mean 'main_lr'", "keys of config.optim"]),
+    (["--config.train.batch_size=abc"], ["batch_size=abc"]),
+    (["--config.grad=neuman1"], ["unknown grad mode 'neuman1'", "neumannK"]),
+    (["--config.optim.main_lr=-0.001"], ["config.optim.main_lr=-0.001 is invalid",
+                                         "a number > 0"]),
+    (["--config.slate.dropout=1.5"], ["config.slate.dropout=1.5", "[0, 1)"]),
+    (["--config.optim.decay=sometimes"], ["config.optim.decay='sometimes'", "'plateau'"]),
+    (["--accept_config_change=train.num_stepz"], ["unknown config keys: train.num_stepz"]),
+])
+def test_user_mistakes_are_one_or_two_lines_and_exit_2(tmp_path, args, needles):
+    workdir = tmp_path / "run"
+    result = _main([*TINY, f"--workdir={workdir}", *args])
+    _assert_user_error(result, *needles)
+    assert not workdir.exists()  # refused before anything was written
+
+
+def test_missing_config_file_and_missing_workdir_flag(tmp_path):
+    _assert_user_error(_main(["--config=configs/nope.py", f"--workdir={tmp_path}"]),
+                       "config file 'configs/nope.py' not found")
+    _assert_user_error(_main(TINY), "--workdir is required")
+
+
+def test_show_config_lists_keys_values_and_choices():
+    result = _main(["--config=configs/slate_clevr.py", "--mode=show_config",
+                    "--config.grad=unroll"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "grad = 'unroll'" in out and "# one of: unroll, neumann1" in out
+    assert "slot_attention.num_iterations = 7" in out
+    assert "optim.decay = " in out and "validation_plateau" in out
+    assert "model.name = 'slate'" in out and "slot_autoencoder" in out
+
+
+def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fixed_slots.train.workdir import "
+         "WorkdirLock; WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+         str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirError, match=rf"in use by another run \(pid {holder.pid} on"):
+            workdir_lib.WorkdirLock(str(tmp_path))
+        _assert_user_error(_main([*TINY, f"--workdir={tmp_path}"]), "in use by another run",
+                           f"pid {holder.pid}")
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the killed holder's lock: nothing is left stuck.
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+        pass
+
+
+def test_config_differences_free_accepted_and_refused_keys():
+    base = workdir_lib.config_record(load_config("tiny"))
+    changed = dict(base, **{"grad": "unroll", "train.num_steps": 9, "eval.batch_size": 4,
+                            "train.log_every_steps": 7, "slot_attention.num_slots": 5})
+    changed["new.key.from.a.later.version"] = 1
+    refused, allowed = workdir_lib.config_differences(base, changed, ["train.num_steps"])
+    assert refused == ["grad: 'neumann1' -> 'unroll'", "slot_attention.num_slots: 3 -> 5"]
+    assert allowed == ["eval.batch_size: 8 -> 4", "train.log_every_steps: 2 -> 7",
+                       "train.num_steps: 4 -> 9"]
+    json.dumps(base)  # stored as checkpoint metadata
+
+
+
+def test_kill_after_checkpoint_keeps_its_metrics_and_changed_config_is_refused(tmp_path):
+    """Metrics of every step a checkpoint covers are on disk before the checkpoint (kill -9
+    right after it loses none of them); resuming with another grad mode or seed is refused,
+    a deliberate longer run is accepted with --accept_config_change."""
+    from fixed_slots.experiments.events import read_scalars
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", *TINY, f"--workdir={workdir}",
+         "--config.train.num_steps=100000", "--config.train.log_every_steps=1",
+         "--config.train.checkpoint_every_steps=3"],
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not (workdir / "checkpoints" / "3").is_dir():
+            time.sleep(0.05)
+        assert (workdir / "checkpoints" / "3").is_dir(), "no checkpoint in time"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    steps = [step for step, _ in read_scalars(str(workdir)).get("loss", [])]
+    assert {1, 2, 3} <= set(steps), steps
+
+    for flag, name in (("--config.grad=unroll", "grad"), ("--config.seed=7", "seed")):
+        result = _main([*TINY, f"--workdir={workdir}", "--config.train.num_steps=100000",
+                        "--config.train.log_every_steps=1",
+                        "--config.train.checkpoint_every_steps=3", flag])
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "holds a run trained with another config" in result.stderr
+        assert f"--accept_config_change={name}" in result.stderr
+        assert "Traceback" not in result.stderr
+    result = _main([*TINY, f"--workdir={workdir}", "--config.train.num_steps=4",
+                    "--config.train.log_every_steps=1",
+                    "--config.train.checkpoint_every_steps=3",
+                    "--accept_config_change=train.num_steps"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resumed from" in result.stderr and "train.num_steps: 100000 -> 4" in result.stderr
+
+
+def test_default_console_has_our_lines_only(tmp_path):
+    result = _main([*TINY, f"--workdir={tmp_path}", "--config.train.num_steps=2",
+                    "--config.train.checkpoint_every_steps=1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    # Two checkpoints were written: orbax's ~40 INFO lines each are not on the console.
+    assert not [line for line in lines if "orbax" in line or "checkpoint_manager" in line]
+    assert not [line for line in lines if "libtpu" in line or "xla_bridge" in line]
+    assert any("step 2/2 (100.0%)  loss " in line and "cross_entropy" in line for line in lines)
+    assert len(lines) <= 4, lines
