@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fixed_slots.fixed_point import fixed_point_layer
+from fixed_slots.fixed_point import Implicit, Iterate, Neumann, Unroll, fixed_point_layer
 
 STATE, INPUT = 8, 3
 
@@ -74,16 +74,19 @@ def main(quiet: bool = False) -> dict[str, float]:
     def linen_f(variables: dict, z: jax.Array, x: jax.Array) -> jax.Array:
         return linen_cell.apply(variables, z, x)
 
-    def loss(f, params, grad: str, max_iter: int, order: int = 30) -> jax.Array:
-        z, _ = fixed_point_layer(f, params, jnp.zeros(STATE), x, max_iter=max_iter, grad=grad,
-                                 neumann_order=order, adjoint_max_iter=60)
+    def loss(f, params, grad) -> jax.Array:
+        z, _ = fixed_point_layer(f, params, jnp.zeros(STATE), x, solver=Iterate(max_iter=60),
+                                 grad=grad)
         return jnp.sum((z - target) ** 2)
 
+    estimators = {"unroll": Unroll(), "implicit": Implicit(adjoint=Iterate(max_iter=60)),
+                  "neumann": Neumann(order=30)}
     grads = {}
     for name, f, params in (("nnx", nnx_f, state), ("linen", linen_f, variables)):
-        for grad in ("unroll", "implicit", "neumann"):
-            grads[name, grad] = jax.jit(jax.grad(loss, argnums=1), static_argnums=(0, 2, 3))(
-                f, params, grad, 60)
+        for grad, estimator in estimators.items():
+            # The option objects are hashable: static arguments of jit.
+            grads[name, grad] = jax.jit(jax.grad(loss, argnums=1), static_argnums=(0, 2))(
+                f, params, estimator)
     # Map the linen gradient onto the NNX layout to compare the frameworks leaf by leaf.
     linen_as_nnx = {"W": {"kernel": grads["linen", "implicit"]["params"]["W"]["kernel"]},
                     "U": {"kernel": grads["linen", "implicit"]["params"]["U"]["kernel"],
@@ -101,8 +104,7 @@ def main(quiet: bool = False) -> dict[str, float]:
         "nnx_vs_linen_implicit": _max_rel_diff(nnx_implicit, linen_as_nnx),
     }
     # The paper's 1-step estimator (IN) is cheaper and deliberately not the exact gradient.
-    g_in = jax.jit(jax.grad(loss, argnums=1), static_argnums=(0, 2, 3, 4))(
-        nnx_f, state, "neumann", 60, 1)
+    g_in = jax.jit(jax.grad(loss, argnums=1), static_argnums=(0, 2))(nnx_f, state, Neumann(1))
     result["nnx_neumann1_vs_unroll"] = _max_rel_diff(g_in, grads["nnx", "unroll"])
     if not quiet:
         for key, value in result.items():

@@ -17,7 +17,13 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from fixed_slots.fixed_point import fixed_point_layer, jacobian_spectral_norm
+from fixed_slots.fixed_point import (
+    GMRES,
+    Anderson,
+    Implicit,
+    fixed_point_layer,
+    jacobian_spectral_norm,
+)
 
 H = 8
 
@@ -48,8 +54,8 @@ def main(quiet: bool = False) -> dict[str, Any]:
     params = jax.jit(init_params)(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2 * H,))
     state0 = {"h": jnp.zeros(H), "m": jnp.zeros((2, 3))}
-    solve_kw = dict(solver="anderson", anderson_memory=5, max_iter=30, tol=1e-6,
-                    grad="implicit", adjoint_solver="gmres", adjoint_max_iter=5, has_aux=True)
+    solve_kw = dict(solver=Anderson(max_iter=30, tol=1e-6, memory=5),
+                    grad=Implicit(adjoint=GMRES(max_iter=5)), has_aux=True)
 
     def loss(params, x):
         (z, aux), info = fixed_point_layer(f, params, state0, x, **solve_kw)

@@ -22,6 +22,8 @@ def test_deq_mlp_learns_the_spirals_through_the_implicit_gradient():
     assert result["test_accuracy"] > 0.85, result
     assert result["mean_residual"] < 1e-3, result  # the forward solve converges (tol 1e-4)
     assert 1 <= result["mean_steps"] <= 40, result
+    # The probe: the adjoint solve's residual (adjoint_tol 1e-5 per example) and no failures.
+    assert result["mean_adjoint_residual"] < 1e-3 and result["failed_adjoint_solves"] == 0, result
     # The threshold is meaningful: with no gradient reaching the fixed point (only the readout
     # trains) the same budget stays far below it (about 0.6 on this seed).
     baseline = deq.main(freeze_cell=True, **tiny)
