@@ -1,16 +1,26 @@
-"""Host-side NumPy image grids for logging and figures (SLATE Fig. 4, slot deletion Fig. 9).
+"""Host-side NumPy picture grids with titled columns (SLATE Fig. 4, slot deletion Fig. 9).
+
+Used by the trainer (TensorBoard images) and by evaluation (PNGs), so it sits above both: it reads
+a model's `Pictures` (fixed_slots.models.protocol) and imports nothing from train/ or eval/.
 
 Images are [..., H, W, C] with C in {1, 3}, either floats in [0, 1] or uint8. Grids come back as
 uint8 [H', W', 3], ready for `save_png` or a metric writer's `write_images` (add a batch axis).
+The titled grids have a strip of column titles on top ("input", "dVAE reconstruction",
+"reconstruction from slots", "slot k mask", "slot k", "without slot k"; slots counted from 1),
+drawn with PIL's default font; small tiles are enlarged (pixel repetition) until the titles fit.
 """
 from __future__ import annotations
 
 import colorsys
+import functools
+import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+from fixed_slots.models.protocol import Pictures
 
 # Colour of the separators between tiles (SLATE's grids use a dark grey pad of 0.2).
 PAD_VALUE = 0.2
@@ -112,97 +122,168 @@ def segmentation_to_rgb(ids: np.ndarray) -> np.ndarray:
     return table[ids]
 
 
-def slate_grid(images: np.ndarray, dvae_recon: np.ndarray, slot_recon: np.ndarray,
-               attn_masks: np.ndarray, max_examples: Optional[int] = 8,
-               pad: int = 2) -> np.ndarray:
-    """SLATE's Fig. 4 layout: one row per example.
+# Tiles are enlarged to at least this many pixels across so that short titles fit.
+MIN_TILE = 64
+_TEXT_RGB = (255, 255, 255)
+_TITLE_MARGIN = 2  # pixels above, below and beside the title lines
 
-    Columns: input | dVAE reconstruction | reconstruction from slots | one overlay per slot.
 
-    Args:
-      images, dvae_recon, slot_recon: [B, H, W, C] in [0, 1] (or uint8).
-      attn_masks: [B, S, h, w] per-slot attention (h, w equal to or dividing H, W).
-      max_examples: show at most this many rows (None = all).
-    Returns:
-      uint8 [R*H + (R-1)*pad, (3+S)*W + (2+S)*pad, 3], R = min(B, max_examples).
+@functools.lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _text_width(text: str) -> int:
+    return int(math.ceil(_font().getlength(text)))
+
+
+def _line_height() -> int:
+    ascent, descent = _font().getmetrics()
+    return ascent + descent
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (a word wider than that gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_width(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def tile_scale(titles: Sequence[str], width: int, min_tile: int = MIN_TILE) -> int:
+    """Integer enlargement of `width`-pixel tiles so that they are >= min_tile pixels across and
+    every word of every title fits in one tile."""
+    widest = max((_text_width(w) for t in titles for w in t.split()), default=0)
+    return max(1, math.ceil(max(min_tile, widest + 2 * _TITLE_MARGIN) / width))
+
+
+def title_strip(titles: Sequence[str], tile_width: int, pad: int = 2,
+                pad_value: float = PAD_VALUE) -> np.ndarray:
+    """Column titles for a grid of len(titles) columns of `tile_width` pixels and `pad` pixels
+    between them: uint8 [h, C*tile_width + (C-1)*pad, 3], each title wrapped to its column and
+    centred, light text on the separator colour (`tile_scale` makes every word fit). h fits the
+    longest wrapped title."""
+    inner = tile_width - 2 * _TITLE_MARGIN
+    wrapped = [_wrap(t, inner) for t in titles]
+    line = _line_height()
+    height = max(len(w) for w in wrapped) * line + 2 * _TITLE_MARGIN
+    width = len(titles) * tile_width + (len(titles) - 1) * pad
+    background = (int(round(pad_value * 255)),) * 3
+    strip = Image.new("RGB", (width, height), background)
+    for c, lines in enumerate(wrapped):
+        # Drawn on the column's own image: a word wider than the tile is cut, never spills.
+        column = Image.new("RGB", (tile_width, height), background)
+        draw = ImageDraw.Draw(column)
+        for i, text in enumerate(lines):
+            draw.text((tile_width / 2, _TITLE_MARGIN + i * line), text, font=_font(),
+                      fill=_TEXT_RGB, anchor="ma")
+        strip.paste(column, (c * (tile_width + pad), 0))
+    return np.asarray(strip, np.uint8)
+
+
+def titled_grid(tiles: np.ndarray, titles: Sequence[str], pad: int = 2,
+                min_tile: int = MIN_TILE) -> np.ndarray:
+    """Tiles [R, C, H, W, 3] under a strip of C column titles -> uint8 [T + k*R*H + (R-1)*pad,
+    k*C*W + (C-1)*pad, 3], the tiles enlarged k = `tile_scale(titles, W, min_tile)` times."""
+    tiles = _as_rgb(tiles)
+    if tiles.ndim != 5:
+        raise ValueError(f"tiles must be [rows, cols, H, W, 3], got {tiles.shape}")
+    if len(titles) != tiles.shape[1]:
+        raise ValueError(f"{len(titles)} titles for {tiles.shape[1]} columns")
+    k = tile_scale(titles, tiles.shape[3], min_tile)
+    tiles = np.repeat(np.repeat(tiles, k, axis=2), k, axis=3)
+    grid = make_grid(tiles, pad=pad)
+    return np.concatenate([title_strip(titles, tiles.shape[3], pad), grid], axis=0)
+
+
+def _rows(n: int, max_examples: Optional[int]) -> int:
+    return n if max_examples is None else min(n, max_examples)
+
+
+def slots_grid(pictures: Pictures, max_examples: Optional[int] = 8, pad: int = 2,
+               min_tile: int = MIN_TILE) -> np.ndarray:
+    """SLATE's Fig. 4 layout (and the other models' version of it), one row per example.
+
+    Columns: input | dVAE reconstruction | reconstruction from slots | slot k mask (the input
+    seen through slot k's mask, for each k) | slot k (what slot k draws alone), each present
+    when the model gives it. Returns a `titled_grid`.
     """
-    images, dvae_recon, slot_recon = (_as_rgb(x) for x in (images, dvae_recon, slot_recon))
-    if not images.shape == dvae_recon.shape == slot_recon.shape:
-        raise ValueError(f"image shapes differ: {images.shape}, {dvae_recon.shape}, "
-                         f"{slot_recon.shape}")
-    attn_masks = np.asarray(attn_masks)
-    if attn_masks.ndim != 4 or attn_masks.shape[0] != images.shape[0]:
-        raise ValueError(f"attn_masks must be [B, S, h, w], got {attn_masks.shape}")
-    rows = images.shape[0] if max_examples is None else min(images.shape[0], max_examples)
-    overlays = mask_overlay(images[:rows], attn_masks[:rows])  # [R, S, H, W, 3]
-    columns = np.stack([images[:rows], dvae_recon[:rows], slot_recon[:rows]], axis=1)
-    return make_grid(np.concatenate([columns, overlays], axis=1), pad=pad)
+    image = _as_rgb(pictures.image)
+    rows = _rows(image.shape[0], max_examples)
+    masks = np.asarray(pictures.masks)
+    if masks.ndim != 4 or masks.shape[0] != image.shape[0]:
+        raise ValueError(f"masks must be [B, S, h, w] for images {image.shape}, "
+                         f"got {masks.shape}")
+    num_slots = masks.shape[1]
+    columns, titles = [image[:rows, None]], ["input"]
+    for value, title in ((pictures.dvae_recon, "dVAE reconstruction"),
+                         (pictures.recon, "reconstruction from slots")):
+        if value is not None:
+            value = _as_rgb(value)
+            if value.shape != image.shape:
+                raise ValueError(f"{title}: shape {value.shape} differs from the input's "
+                                 f"{image.shape}")
+            columns.append(value[:rows, None])
+            titles.append(title)
+    columns.append(mask_overlay(image[:rows], masks[:rows]))
+    titles += [f"slot {k + 1} mask" for k in range(num_slots)]
+    if pictures.per_slot is not None:
+        per_slot = _as_rgb(pictures.per_slot)
+        if per_slot.shape[:2] != masks.shape[:2] or per_slot.shape[2:] != image.shape[1:]:
+            raise ValueError(f"per_slot must be [B, S, H, W, C] = {masks.shape[:2]} + "
+                             f"{image.shape[1:]}, got {per_slot.shape}")
+        columns.append(per_slot[:rows])
+        titles += [f"slot {k + 1}" for k in range(num_slots)]
+    return titled_grid(np.concatenate(columns, axis=1), titles, pad=pad, min_tile=min_tile)
 
 
 def slot_deletion_grid(images_with_slot_removed: np.ndarray,
                        original: Optional[np.ndarray] = None,
-                       max_examples: Optional[int] = 8, pad: int = 2) -> np.ndarray:
-    """Fig. 9 layout: row b shows image b decoded with slot s removed, for each s.
+                       original_title: str = "reconstruction from slots",
+                       max_examples: Optional[int] = 8, pad: int = 2,
+                       min_tile: int = MIN_TILE) -> np.ndarray:
+    """Fig. 9 layout: row b shows image b decoded with slot k removed, for each k.
 
     Args:
-      images_with_slot_removed: [B, S, H, W, C] decodings without slot s.
-      original: optional [B, H, W, C] full decodings (or inputs), shown as the first column.
+      images_with_slot_removed: [B, S, H, W, C] decodings without slot k ("without slot k").
+      original: optional [B, H, W, C] full decodings (or inputs), shown as the first column
+        under `original_title`.
     Returns:
-      uint8 [R*H + (R-1)*pad, K*W + (K-1)*pad, 3] with K = S (+1 with `original`).
+      a `titled_grid` of S (+1 with `original`) columns.
     """
     removed = _as_rgb(images_with_slot_removed)
     if removed.ndim != 5:
         raise ValueError(f"expected [B, S, H, W, C], got {removed.shape}")
-    rows = removed.shape[0] if max_examples is None else min(removed.shape[0], max_examples)
+    rows = _rows(removed.shape[0], max_examples)
     tiles = removed[:rows]
+    titles = [f"without slot {k + 1}" for k in range(removed.shape[1])]
     if original is not None:
         original = _as_rgb(original)
         if original.shape != removed.shape[:1] + removed.shape[2:]:
             raise ValueError(f"original {original.shape} does not match {removed.shape}")
         tiles = np.concatenate([original[:rows, None], tiles], axis=1)
-    return make_grid(tiles, pad=pad)
+        titles = [original_title] + titles
+    return titled_grid(tiles, titles, pad=pad, min_tile=min_tile)
 
 
-_SLATE_KEYS = ("image", "dvae_recon", "slot_recon", "masks")
+def model_grids(pictures: Pictures, max_examples: Optional[int] = 8) -> dict[str, np.ndarray]:
+    """Grids for a model's `visualize` / `evaluation_pictures`: name -> uint8 [H', W', 3].
 
-
-def _generic_rows(arrays: dict[str, np.ndarray], max_examples: Optional[int]) -> np.ndarray:
-    """image | other [B,H,W,C] arrays | mask overlays | per-slot [B,S,H,W,C] arrays, per row."""
-    image = _as_rgb(arrays["image"])
-    b, h, w = image.shape[:3]
-    rows = b if max_examples is None else min(b, max_examples)
-    columns = [image[:rows, None]]
-    for name, value in arrays.items():
-        value = np.asarray(value)
-        if name in ("image", "masks", "slot_deletion") or value.shape[:1] != (b,):
-            continue
-        if value.ndim == 4 and value.shape[1:3] == (h, w) and value.shape[-1] in (1, 3):
-            columns.append(_as_rgb(value[:rows])[:, None])
-        elif value.ndim == 5 and value.shape[2:4] == (h, w) and value.shape[-1] in (1, 3):
-            columns.append(_as_rgb(value[:rows]))
-    if "masks" in arrays:
-        columns.append(mask_overlay(image[:rows], np.asarray(arrays["masks"])[:rows]))
-    return make_grid(np.concatenate(columns, axis=1))
-
-
-def model_grids(arrays: dict[str, np.ndarray],
-                   max_examples: Optional[int] = 8) -> dict[str, np.ndarray]:
-    """Grids for a model's `visualize` / `evaluation_pictures` arrays: name -> uint8 [H', W', 3].
-
-    SLATE's arrays (image, dvae_recon, slot_recon, masks [B,S,H,W]) give "slate" (Fig. 4); any
-    other set with an "image" gives "reconstruction" (image, the other images of the same size,
-    mask overlays, per-slot images); "slot_deletion" [B,S,H,W,C] gives Fig. 9's grid, next to
-    the slot reconstruction (or the input) when present.
+    "slate" (Fig. 4; named "reconstruction" for models without a dVAE) from `slots_grid`, and
+    with `slot_deletion` Fig. 9's grid next to the reconstruction from slots (or the input).
     """
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    grids = {}
-    if all(k in arrays for k in _SLATE_KEYS):
-        grids["slate"] = slate_grid(*(arrays[k] for k in _SLATE_KEYS), max_examples=max_examples)
-    elif "image" in arrays:
-        grids["reconstruction"] = _generic_rows(arrays, max_examples)
-    if "slot_deletion" in arrays:
-        original = arrays.get("slot_recon", arrays.get("image"))
-        grids["slot_deletion"] = slot_deletion_grid(arrays["slot_deletion"], original=original,
+    pictures = Pictures(*(None if v is None else np.asarray(v) for v in pictures))
+    name = "slate" if pictures.dvae_recon is not None else "reconstruction"
+    grids = {name: slots_grid(pictures, max_examples=max_examples)}
+    if pictures.slot_deletion is not None:
+        if pictures.recon is not None:
+            original, title = pictures.recon, "reconstruction from slots"
+        else:
+            original, title = pictures.image, "input"
+        grids["slot_deletion"] = slot_deletion_grid(pictures.slot_deletion, original, title,
                                                     max_examples=max_examples)
     return grids
 

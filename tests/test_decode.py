@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fixed_slots.eval.decode import generate_tokens, generate_tokens_full_recompute
+from fixed_slots.modules.decoding import generate_tokens, generate_tokens_full_recompute
 from fixed_slots.modules.encoders import LearnedPositionEmbedding, TokenEmbedding
 from fixed_slots.modules.transformer import TransformerDecoder
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fixed_slots.eval import inception
-from fixed_slots.eval import metrics
+from fixed_slots.eval import metrics, torch_pickle
 
 
 def _fake_state_dict(shapes):
@@ -255,7 +255,7 @@ _TORCH_LEGACY = (
 def test_reader_on_torch_saved_files(tmp_path, blob):
     path = tmp_path / "tiny.pth"
     path.write_bytes(zlib.decompress(base64.b64decode(blob)))
-    sd = inception.read_torch_state_dict(str(path), use_torch=False)
+    sd = torch_pickle.read_torch_state_dict(str(path), use_torch=False)
     assert list(sd) == ["a.weight", "a.bn.num_batches_tracked", "b", "c"]
     np.testing.assert_array_equal(sd["a.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert sd["a.weight"].dtype == np.float32
@@ -333,7 +333,7 @@ def test_convert_cli_roundtrip(tmp_path, monkeypatch, model_and_weights, capsys)
             np.testing.assert_array_equal(f[key], sd[key])
     # The original .pth loads directly too.
     direct = nnx.eval_shape(lambda: inception.FIDInceptionV3())
-    loaded = inception.read_torch_state_dict(str(src), use_torch=False)
+    loaded = torch_pickle.read_torch_state_dict(str(src), use_torch=False)
     inception.load_state_dict_into(direct, loaded)
     np.testing.assert_array_equal(direct.Mixed_7b.branch3x3_2a.conv.kernel.get_value(),
                                   model.Mixed_7b.branch3x3_2a.conv.kernel.get_value())
@@ -347,6 +347,10 @@ def test_missing_and_mismatched_weights(tmp_path, model_and_weights):
     with pytest.raises(FileNotFoundError):
         inception.compute_fid(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8, 3)),
                               str(tmp_path / "nope.npz"))
+    with pytest.raises(FileNotFoundError, match="fixed_slots.eval.inception convert"):
+        inception.main(["convert", f"--src={tmp_path / 'nope.pth'}", f"--dst={tmp_path / 'x'}"])
+    with pytest.raises(FileNotFoundError, match="no torch checkpoint at"):
+        torch_pickle.read_torch_state_dict(str(tmp_path / "nope.pth"), use_torch=False)
     broken = dict(sd)
     del broken["Mixed_5b.branch1x1.conv.weight"]
     broken["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)

@@ -1,4 +1,5 @@
-"""Tests for fixed_slots.eval.metrics: ARI/FG-ARI, AP, Hungarian loss, MSE, Frechet distance."""
+"""Scores against references: ARI/FG-ARI (models.segmentation), AP and the Frechet distance
+(eval.metrics), the Hungarian Huber loss and per-image MSE (models.losses)."""
 import itertools
 import math
 
@@ -9,6 +10,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from fixed_slots.eval import metrics
+from fixed_slots.models import losses, segmentation
 
 # ----------------------------------------------------------------------------------------------
 # ARI
@@ -35,9 +37,10 @@ def test_ari_matches_sklearn_on_random_segmentations(seed):
     pred_ids[1] = (true_ids[1] + 2) % 5
     noisy = rng.random((8, 8)) < 0.2
     pred_ids[2] = np.where(noisy, rng.integers(0, 6, (8, 8)), true_ids[2])
-    got = np.asarray(metrics.adjusted_rand_index(true_ids, pred_ids, 5, 6))
+    got = np.asarray(segmentation.adjusted_rand_index(true_ids, pred_ids, 5, 6))
     np.testing.assert_allclose(got, _sk_ari(true_ids, pred_ids), atol=1e-5)
-    fg = np.asarray(metrics.fg_adjusted_rand_index(true_ids, pred_ids, 5, 6))
+    fg = np.asarray(segmentation.adjusted_rand_index(true_ids, pred_ids, 5, 6,
+                                                     ignore_background=True))
     np.testing.assert_allclose(fg, _sk_ari(true_ids, pred_ids, True), atol=1e-5)
 
 
@@ -53,7 +56,7 @@ def test_ari_degenerate_cases_match_sklearn():
     ]
     true_ids = np.stack([c[0] for c in cases]).astype(np.int32)
     pred_ids = np.stack([c[1] for c in cases]).astype(np.int32)
-    got = np.asarray(metrics.adjusted_rand_index(true_ids, pred_ids, n, n))
+    got = np.asarray(segmentation.adjusted_rand_index(true_ids, pred_ids, n, n))
     want = _sk_ari(true_ids, pred_ids)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert got[0] == 1.0 and got[1] == 1.0 and got[4] == 1.0
@@ -64,7 +67,8 @@ def test_fg_ari_degenerate_cases():
     # One foreground pixel -> 1.0. Background predicted differently does not matter.
     true_ids = np.array([[0, 0, 0, 0], [0, 0, 0, 3], [0, 1, 1, 2]])
     pred_ids = np.array([[0, 1, 2, 3], [1, 1, 1, 1], [3, 0, 0, 1]])
-    got = np.asarray(metrics.fg_adjusted_rand_index(true_ids, pred_ids, 4, 4))
+    got = np.asarray(segmentation.adjusted_rand_index(true_ids, pred_ids, 4, 4,
+                                                      ignore_background=True))
     np.testing.assert_allclose(got, [1.0, 1.0, 1.0])
     np.testing.assert_allclose(got, _sk_ari(true_ids, pred_ids, True))
 
@@ -74,44 +78,13 @@ def test_ari_probabilities_jit_and_padding_mask():
     true_ids = rng.integers(0, 4, (3, 32))
     probs = rng.random((3, 32, 5)).astype(np.float32)
     ids = probs.argmax(-1)
-    fn = jax.jit(metrics.adjusted_rand_index, static_argnums=(2, 3, 4))
+    fn = jax.jit(segmentation.adjusted_rand_index, static_argnums=(2, 3, 4))
     np.testing.assert_allclose(fn(true_ids, probs, 4, 5, False),
                                _sk_ari(true_ids, ids), atol=1e-5)
     mask = rng.random((3, 32)) < 0.6
-    got = metrics.adjusted_rand_index(true_ids, ids, 4, 5, padding_mask=mask)
+    got = segmentation.adjusted_rand_index(true_ids, ids, 4, 5, padding_mask=mask)
     want = [adjusted_rand_score(t[m], p[m]) for t, p, m in zip(true_ids, ids, mask)]
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_ari_metric_classes():
-    rng = np.random.default_rng(3)
-    true_ids = rng.integers(0, 4, (5, 6, 6))
-    pred_ids = np.where(rng.random((5, 6, 6)) < 0.3, rng.integers(0, 4, (5, 6, 6)), true_ids)
-    per_example = _sk_ari(true_ids, pred_ids)
-    per_example_fg = _sk_ari(true_ids, pred_ids, True)
-
-    ari = metrics.Ari.from_model_output(true_mask=true_ids, pred_mask=pred_ids)
-    np.testing.assert_allclose(ari.compute(), per_example.mean(), atol=1e-5)
-    # Merging two halves equals the mean over all examples.
-    first = metrics.Ari.from_model_output(true_mask=true_ids[:2], pred_mask=pred_ids[:2],
-                                          num_true=4, num_pred=4)
-    second = metrics.Ari.from_model_output(true_mask=true_ids[2:], pred_mask=pred_ids[2:],
-                                           num_true=4, num_pred=4)
-    np.testing.assert_allclose(first.merge(second).compute(), per_example.mean(), atol=1e-5)
-
-    @jax.jit
-    def step(t, p, valid):
-        return metrics.FgAri.from_model_output(true_mask=t, pred_mask=p, num_true=4, num_pred=4,
-                                               mask=valid, unrelated_output=0)
-
-    valid = np.array([True, True, False, True, True])
-    fg = step(true_ids, pred_ids, valid)
-    np.testing.assert_allclose(fg.compute(), per_example_fg[valid].mean(), atol=1e-5)
-    assert int(fg.count) == 4
-
-    with pytest.raises(ValueError, match="static int"):
-        jax.jit(lambda t, p: metrics.Ari.from_model_output(true_mask=t, pred_mask=p))(
-            true_ids, pred_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,11 +242,16 @@ def test_ap_matches_independent_reimplementation(seed):
     assert aps["ap_inf"] >= aps["ap_1"] >= aps["ap_0.5"] >= aps["ap_0.25"] >= aps["ap_0.125"]
 
 
-def test_clevr_layout():
-    assert metrics.CLEVR_LAYOUT.dim == 18  # + the real-object flag = 19 entries per object
-    pos, ids = metrics.CLEVR_LAYOUT.split(np.eye(19)[[3, 9, 17]])
+def test_layout_from_clevr_targets():
+    from fixed_slots.data.sources import CLEVR_TARGET_LAYOUT
+
+    layout = metrics.PropertyLayout.from_target_layout(CLEVR_TARGET_LAYOUT, 6.0)
+    assert layout.dim == 18  # + the real-object flag = 19 entries per object
+    assert [n for n, _ in layout.categorical_groups] == ["shape", "color", "size", "material"]
+    assert layout.position_scale == 6.0
+    pos, ids = layout.split(np.eye(19)[[3, 5, 17]])
     assert pos.shape == (3, 3) and ids.shape == (3, 4)
-    np.testing.assert_array_equal(ids[1], [0, 0, 2, 0])  # entry 9 = shape index 2
+    np.testing.assert_array_equal(ids[1], [2, 0, 0, 0])  # entry 5 = shape index 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +271,7 @@ def test_hungarian_matching_is_optimal():
     rng = np.random.default_rng(0)
     for shape in [(3, 4, 4), (2, 3, 5), (2, 5, 3)]:
         cost = rng.random(shape)
-        rows, cols = metrics.hungarian_matching(cost)
+        rows, cols = losses.hungarian_matching(cost)
         assert rows.shape == cols.shape == (shape[0], min(shape[1:]))
         for b in range(shape[0]):
             assert len(set(cols[b])) == cols.shape[1]
@@ -313,22 +291,22 @@ def test_hungarian_huber_loss_value_jit_grad():
         min(sum(_huber(target[b, i] - pred[b, p[i]]).mean() for i in range(4))
             for p in itertools.permutations(range(4)))
         for b in range(3)])
-    loss_fn = jax.jit(metrics.hungarian_huber_loss)
+    loss_fn = jax.jit(losses.hungarian_huber_loss)
     assert float(loss_fn(pred, target)) == pytest.approx(want, rel=1e-5)
 
-    loss, grad = jax.jit(jax.value_and_grad(metrics.hungarian_huber_loss))(pred, target)
+    loss, grad = jax.jit(jax.value_and_grad(losses.hungarian_huber_loss))(pred, target)
     assert np.isfinite(np.asarray(grad)).all() and float(loss) == pytest.approx(want, rel=1e-5)
     # The gradient is that of the matched Huber costs with the matching held fixed.
-    cost = np.asarray(metrics.pairwise_huber_cost(jnp.asarray(pred), jnp.asarray(target)))
-    rows, cols = metrics.hungarian_matching(cost)
+    cost = np.asarray(losses.pairwise_huber_cost(jnp.asarray(pred), jnp.asarray(target)))
+    rows, cols = losses.hungarian_matching(cost)
 
     def fixed(p):
-        c = metrics.pairwise_huber_cost(p, jnp.asarray(target))
+        c = losses.pairwise_huber_cost(p, jnp.asarray(target))
         return jnp.mean(jnp.sum(c[jnp.arange(3)[:, None], rows, cols], axis=1))
 
     np.testing.assert_allclose(grad, jax.grad(fixed)(jnp.asarray(pred)), atol=1e-6)
     # Works under vmap too (extra leading axis).
-    batched = jax.vmap(metrics.hungarian_huber_loss)(jnp.stack([pred, pred]),
+    batched = jax.vmap(losses.hungarian_huber_loss)(jnp.stack([pred, pred]),
                                                       jnp.stack([target, target]))
     np.testing.assert_allclose(batched, [want, want], rtol=1e-5)
 
@@ -342,15 +320,15 @@ def test_mse_per_image_scales():
     rng = np.random.default_rng(0)
     x = rng.random((3, 4, 5, 3)).astype(np.float32)
     y = rng.random((3, 4, 5, 3)).astype(np.float32)
-    total = metrics.mse_per_image(x, y)
-    mean = metrics.mse_per_image(x, y, reduction="mean_per_pixel")
+    total = losses.mse_per_image(x, y)
+    mean = losses.mse_per_image(x, y, reduction="mean_per_pixel")
     assert total.shape == mean.shape == (3,)
     np.testing.assert_allclose(total, ((x - y) ** 2).sum(axis=(1, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(total, mean * 4 * 5 * 3, rtol=1e-6)
-    ones = metrics.mse_per_image(np.zeros((2, 4, 4, 3)), np.ones((2, 4, 4, 3)))
+    ones = losses.mse_per_image(np.zeros((2, 4, 4, 3)), np.ones((2, 4, 4, 3)))
     np.testing.assert_allclose(ones, [48.0, 48.0])
     with pytest.raises(ValueError):
-        metrics.mse_per_image(x, y, reduction="mean")
+        losses.mse_per_image(x, y, reduction="mean")
 
 
 # ----------------------------------------------------------------------------------------------

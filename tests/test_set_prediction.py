@@ -8,8 +8,10 @@ from flax import nnx
 from fixed_slots import configlib, models
 from fixed_slots.data.sources import CLEVR_TARGET_LAYOUT
 from fixed_slots.data.synthetic import SYNTHETIC_TARGET_LAYOUT, properties_to_target
-from fixed_slots.eval.metrics import average_precisions, hungarian_huber_loss
+from fixed_slots.eval.evaluate import ap_layout
+from fixed_slots.eval.metrics import PropertyLayout, average_precisions
 from fixed_slots.models import set_prediction
+from fixed_slots.models.losses import hungarian_huber_loss
 from helpers import adam_losses, load_config, synthetic_scenes
 
 
@@ -82,21 +84,22 @@ def test_evaluate_batch_feeds_average_precision():
     @jax.jit
     def run(batch, key):
         m = nnx.merge(graphdef, state)
-        return m.evaluate_batch(batch, key), m.visualize(batch, key, jnp.int32(0))["masks"]
+        return m.evaluate_batch(batch, key), m.visualize(batch, key, jnp.int32(0)).masks
 
     ev, masks = run(batch, jax.random.key(0))
     s = config.slot_attention.num_slots
     assert ev.per_example["loss"].shape == (4,)
-    assert ev.arrays["prediction_prob"].shape == (4, s)
-    np.testing.assert_array_equal(ev.arrays["target_visible"],
-                                  ev.arrays["target"][..., -1])
-    layout = set_prediction.target_layout(config)
-    aps = average_precisions(ev.arrays["prediction"], ev.arrays["prediction_prob"],
-                             ev.arrays["target"], ev.arrays["target_visible"], layout)
+    assert ev.generated is None
+    p = ev.set_predictions
+    assert p.prediction_prob.shape == (4, s)
+    np.testing.assert_array_equal(p.target_visible, p.target[..., -1])
+    layout = ap_layout(config)
+    assert layout.position_scale == 6.0
+    aps = average_precisions(p.prediction, p.prediction_prob, p.target, p.target_visible, layout)
     assert set(aps) == {"ap_inf", "ap_1", "ap_0.5", "ap_0.25", "ap_0.125"}
     assert all(0.0 <= v <= 1.0 for v in aps.values())
     # Perfect predictions (the targets, confident where visible) give AP 1 at every threshold.
-    t = np.asarray(ev.arrays["target"])
+    t = np.asarray(p.target)
     perfect = average_precisions(t, t[..., -1], t, t[..., -1], layout)
     assert all(v == pytest.approx(1.0) for v in perfect.values())
     assert masks.shape == (4, s, 16, 16)
@@ -106,7 +109,7 @@ def test_evaluate_batch_feeds_average_precision():
 def test_layouts_and_clear_errors():
     model, config = make()
     assert set_prediction.data_layout(config) == SYNTHETIC_TARGET_LAYOUT
-    clevr = set_prediction.property_layout(CLEVR_TARGET_LAYOUT)
+    clevr = PropertyLayout.from_target_layout(CLEVR_TARGET_LAYOUT)
     assert clevr.position_dims == 3 and clevr.dim == CLEVR_TARGET_LAYOUT.dim - 1
     assert [n for n, _ in clevr.categorical_groups] == ["shape", "color", "size", "material"]
     auto = load_config("tiny_set_prediction")

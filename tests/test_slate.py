@@ -69,7 +69,8 @@ def test_temperature_anneals_and_visualize_shapes():
     model, config = make()
     assert float(model.temperature(jnp.int32(0))) == pytest.approx(1.0)
     assert float(model.temperature(jnp.int32(config.slate.tau_steps))) == pytest.approx(0.1)
-    arrays = model.visualize(batch(), jax.random.key(0), jnp.int32(0))
-    assert arrays["slot_recon"].shape == (2, 16, 16, 3)
-    assert arrays["masks"].shape == (2, config.slot_attention.num_slots, 16, 16)
-    np.testing.assert_allclose(arrays["masks"].sum(1), 1.0, rtol=1e-5)
+    pictures = model.visualize(batch(), jax.random.key(0), jnp.int32(0))
+    assert pictures.recon.shape == pictures.dvae_recon.shape == (2, 16, 16, 3)
+    assert pictures.masks.shape == (2, config.slot_attention.num_slots, 16, 16)
+    assert pictures.per_slot is None and pictures.slot_deletion is None
+    np.testing.assert_allclose(pictures.masks.sum(1), 1.0, rtol=1e-5)

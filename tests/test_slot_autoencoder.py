@@ -51,12 +51,14 @@ def test_forward_shapes_and_alpha_masks_sum_to_one():
         assert -1.0 <= float(out.metrics[name]) <= 1.0
     assert "ari" not in no_mask.metrics  # no masks in the batch, no segmentation metric
 
-    assert arrays["per_slot"].shape == (4, s, h, h, 3)
-    assert arrays["slot_deletion"].shape == (4, s, h, h, 3)
-    assert set(vis) == {"image", "recon", "masks", "per_slot"}
-    np.testing.assert_allclose(vis["recon"], arrays["recon"], atol=1e-6)
-    assert enc["slots"].shape == (4, s, config.slot_attention.slot_size)
-    assert enc["attention"].shape == (4, s, h * h)
+    assert arrays.per_slot.shape == (4, s, h, h, 3)
+    assert arrays.slot_deletion.shape == (4, s, h, h, 3)
+    assert vis.slot_deletion is None and vis.dvae_recon is None
+    np.testing.assert_allclose(vis.recon, arrays.recon, atol=1e-6)
+    np.testing.assert_allclose(vis.per_slot, arrays.per_slot, atol=1e-6)
+    assert enc.slots.shape == (4, s, config.slot_attention.slot_size)
+    assert enc.attention.shape == (4, s, h * h)
+    assert enc.sa_inputs.shape[:2] == (4, h * h) and enc.tokens is None
     assert {k: v.shape for k, v in ev.per_example.items()} == {
         "mse_recon": (4,), "slot_residual": (4,), "ari": (4,), "fg_ari": (4,)}
 
@@ -109,3 +111,57 @@ def test_configs_validate_and_build(name):
     if name == "slot_autoencoder_clevr":
         assert (h, config.slot_attention.num_slots, config.data.crop) == (128, 7, "clevr")
         assert config.data.name == "clevr_with_masks"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_autoencoder", "tiny_set_prediction"])
+def test_every_model_follows_the_contract(name):
+    from fixed_slots.fixed_point import FixedPointInfo
+    from fixed_slots.models.common import slot_jacobian_spectral_norm
+    from fixed_slots.models.protocol import EvalBatch, Pictures, SlotEncoding, SlotModel
+
+    config = load_config(name)
+    model = nnx.eval_shape(lambda: models.create(config, rngs=nnx.Rngs(0)))
+    assert isinstance(model, SlotModel)
+    h, s = config.data.image_size, config.slot_attention.num_slots
+    image = jnp.zeros((2, h, h, 3))
+    key = jax.random.key(0)
+    graphdef, state = nnx.split(model)
+
+    def run(fn):  # shapes only: fn(model) traced, nothing computed
+        return jax.eval_shape(lambda st: fn(nnx.merge(graphdef, st)), state)
+
+    enc = run(lambda m: m.encode_slots(image, key))
+    assert isinstance(enc, SlotEncoding) and isinstance(enc.info, FixedPointInfo)
+    assert enc.slots.shape == (2, s, config.slot_attention.slot_size)
+    assert (enc.tokens is not None) == (name == "tiny")
+    assert run(lambda m: slot_jacobian_spectral_norm(m, m.encode_slots(image, key), key)
+               ).shape == (2,)
+    assert isinstance(run(lambda m: m.visualize({"image": image}, key, jnp.int32(0))), Pictures)
+    batch = {"image": image}
+    if name == "tiny_set_prediction":
+        batch["target"] = jnp.zeros((2, s, model.layout.dim))
+    assert isinstance(run(lambda m: m.evaluate_batch(batch, key)), EvalBatch)
+    pictures = run(lambda m: m.evaluation_pictures(batch, key))
+    assert pictures.masks.shape == (2, s, h, h)
+    assert (pictures.slot_deletion is None) == (name == "tiny_set_prediction")
+
+
+def test_jacobian_norm_through_the_models_fixed_point_step():
+    """The power iteration on `model.fixed_point_step` at the slots equals the largest singular
+    value of the dense Jacobian of one slot-attention update (per example)."""
+    from fixed_slots.models.common import slot_jacobian_spectral_norm
+
+    model, config = make()
+    image = synthetic_batch(config, n=2)["image"]
+    key = jax.random.key(3)
+    enc = model.encode_slots(image, key)
+    norms = slot_jacobian_spectral_norm(model, enc, key, num_iters=200)
+    f, params, args = model.fixed_point_step(enc.sa_inputs)
+    slots = enc.slots
+    for b in range(2):
+        def update(z, b=b):
+            new, _ = f(params, slots.at[b].set(z.reshape(slots.shape[1:])), *args)
+            return new[b].ravel()
+
+        jac = jax.jacfwd(update)(slots[b].ravel())
+        np.testing.assert_allclose(norms[b], np.linalg.norm(np.asarray(jac), 2), rtol=1e-3)

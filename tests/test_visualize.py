@@ -1,9 +1,10 @@
-"""Tests for fixed_slots.eval.visualize: shapes, dtypes, value ranges and PNG output."""
+"""fixed_slots.visualize: titled grids (layout, titles drawn), shapes, dtypes, PNG output."""
 import numpy as np
 from PIL import Image
 import pytest
 
-from fixed_slots.eval import visualize
+from fixed_slots import visualize
+from fixed_slots.models.protocol import Pictures
 
 
 def _batch(rng, b=3, h=8, w=12, c=3):
@@ -28,29 +29,99 @@ def test_mask_overlay_formula_and_upsampling():
         visualize.mask_overlay(image, np.ones((2, 5, 5)))
 
 
-def test_slate_grid_layout():
+def _strip_height(grid, rows, tile, pad=2):
+    return grid.shape[0] - (rows * tile + (rows - 1) * pad)
+
+
+def test_titles_are_drawn_and_differ():
+    strip = visualize.title_strip(["input", "slot 1 mask", "slot 2 mask"], tile_width=64)
+    assert strip.dtype == np.uint8 and strip.shape[1] == 3 * 64 + 2 * 2
+    background = visualize.to_uint8(np.float32(visualize.PAD_VALUE))
+    columns = [strip[:, c * 66:c * 66 + 64] for c in range(3)]
+    for column in columns:  # every title put ink in its own column
+        assert (column != background).any()
+    assert (strip[:, 64:66] == background).all()  # nothing drawn over the separators
+    assert not np.array_equal(columns[0], columns[1])
+    assert not np.array_equal(columns[1], columns[2])  # "slot 1" vs "slot 2" tell apart
+    blank = visualize.title_strip(["", ""], tile_width=64)
+    assert (blank == background).all()
+    # A title too long for one line wraps onto more lines (a taller strip); a word wider than
+    # the tile is cut at its column, never drawn past it.
+    tall = visualize.title_strip(["reconstruction from slots", "input"], tile_width=80)
+    assert tall.shape[0] > strip.shape[0]
+    narrow = visualize.title_strip(["reconstruction", "input"], tile_width=20)
+    assert (narrow[:, 20:22] == background).all()
+
+
+def test_tiles_grow_until_titles_fit():
+    assert visualize.tile_scale(["input"], 96) == 1
+    assert visualize.tile_scale(["input"], 32) == 2  # at least MIN_TILE = 64 pixels
+    word = visualize._text_width("reconstruction")
+    k = visualize.tile_scale(["reconstruction from slots"], 16)
+    assert 16 * k >= word and 16 * (k - 1) < max(64, word + 4)
+    with pytest.raises(ValueError, match="2 titles for 3 columns"):
+        visualize.titled_grid(np.zeros((1, 3, 8, 8, 3)), ["a", "b"])
+
+
+def test_slots_grid_layout_for_slate():
     rng = np.random.default_rng(1)
     b, s, h, w, pad = 3, 5, 8, 12, 2
     images, dvae, slots = _batch(rng), _batch(rng), _batch(rng)
     attn = rng.random((b, s, 2, 3)).astype(np.float32)
-    grid = visualize.slate_grid(images, dvae, slots, attn)
+    pictures = Pictures(image=images, masks=attn, recon=slots, dvae_recon=dvae)
+    grid = visualize.slots_grid(pictures, min_tile=0)
+    k = visualize.tile_scale(["dVAE reconstruction"], w, 0)  # the widest word sets the scale
+    H, W = k * h, k * w
     assert grid.dtype == np.uint8
-    assert grid.shape == (b * h + (b - 1) * pad, (3 + s) * w + (2 + s) * pad, 3)
+    top = _strip_height(grid, b, H)
+    assert top > 0 and grid.shape == (top + b * H + (b - 1) * pad, (3 + s) * W + (2 + s) * pad, 3)
+    titles = ["input", "dVAE reconstruction", "reconstruction from slots"] + [
+        f"slot {i} mask" for i in range(1, s + 1)]
+    np.testing.assert_array_equal(grid[:top], visualize.title_strip(titles, W, pad))
+
+    def tile(r, c):
+        y, x = top + r * (H + pad), c * (W + pad)
+        return grid[y:y + H, x:x + W]
+
+    def up(x):
+        return np.repeat(np.repeat(visualize.to_uint8(x), k, 0), k, 1)
+
     # Row 1: input | dVAE recon | slot recon | overlays.
-    y = h + pad
-    np.testing.assert_array_equal(grid[y:y + h, :w], visualize.to_uint8(images[1]))
-    np.testing.assert_array_equal(grid[y:y + h, w + pad:2 * w + pad], visualize.to_uint8(dvae[1]))
-    x = 2 * (w + pad)
-    np.testing.assert_array_equal(grid[y:y + h, x:x + w], visualize.to_uint8(slots[1]))
-    overlay = visualize.mask_overlay(images[1], attn[1])
-    x = 4 * (w + pad)
-    np.testing.assert_array_equal(grid[y:y + h, x:x + w], visualize.to_uint8(overlay[1]))
+    np.testing.assert_array_equal(tile(1, 0), up(images[1]))
+    np.testing.assert_array_equal(tile(1, 1), up(dvae[1]))
+    np.testing.assert_array_equal(tile(1, 2), up(slots[1]))
+    np.testing.assert_array_equal(tile(1, 4), up(visualize.mask_overlay(images[1], attn[1])[1]))
     # Separators carry the pad colour.
-    assert (grid[h:h + pad] == visualize.to_uint8(np.float32(visualize.PAD_VALUE))).all()
+    background = visualize.to_uint8(np.float32(visualize.PAD_VALUE))
+    assert (grid[top + H:top + H + pad] == background).all()
     # max_examples limits rows; uint8 and single-channel inputs are accepted.
-    small = visualize.slate_grid(visualize.to_uint8(images), dvae[..., :1], slots, attn,
-                                 max_examples=1)
-    assert small.shape == (h, grid.shape[1], 3)
+    small = visualize.slots_grid(pictures._replace(image=visualize.to_uint8(images),
+                                                   dvae_recon=dvae[..., :1]),
+                                 max_examples=1, min_tile=0)
+    assert small.shape == (top + H, grid.shape[1], 3)
+    with pytest.raises(ValueError, match="masks must be"):
+        visualize.slots_grid(pictures._replace(masks=attn[0]))
+
+
+def test_slots_grid_with_per_slot_images_and_without_recon():
+    rng = np.random.default_rng(5)
+    b, s, h, w, pad = 2, 3, 8, 8, 2
+    ae = Pictures(image=_batch(rng, b, h, w), masks=rng.random((b, s, h, w)),
+                  recon=_batch(rng, b, h, w), per_slot=rng.random((b, s, h, w, 3)))
+    grid = visualize.slots_grid(ae)
+    k = visualize.tile_scale(["reconstruction from slots"], w)
+    top = _strip_height(grid, b, k * h)
+    assert grid.shape == (top + b * k * h + pad, (2 + 2 * s) * (k * w + pad) - pad, 3)
+    titles = (["input", "reconstruction from slots"] + [f"slot {i} mask" for i in (1, 2, 3)]
+              + [f"slot {i}" for i in (1, 2, 3)])
+    np.testing.assert_array_equal(grid[:top], visualize.title_strip(titles, k * w, pad))
+    x = (2 + s) * (k * w + pad)  # first per-slot column
+    np.testing.assert_array_equal(grid[top:top + k * h, x:x + k * w], np.repeat(np.repeat(
+        visualize.to_uint8(ae.per_slot[0, 0]), k, 0), k, 1))
+    # The set predictor's pictures: input and masks only.
+    sp = visualize.slots_grid(Pictures(image=ae.image, masks=ae.masks))
+    k = visualize.tile_scale(["input"], w)
+    assert sp.shape[1] == (1 + s) * (k * w + pad) - pad
 
 
 def test_segmentation_to_rgb():
@@ -70,13 +141,24 @@ def test_slot_deletion_grid():
     b, s, h, w, pad = 2, 4, 6, 7, 2
     removed = rng.random((b, s, h, w, 3)).astype(np.float32)
     grid = visualize.slot_deletion_grid(removed)
-    assert grid.dtype == np.uint8 and grid.shape == (b * h + pad, s * w + (s - 1) * pad, 3)
+    k = visualize.tile_scale(["without"], w)
+    top = _strip_height(grid, b, k * h)
+    assert grid.dtype == np.uint8 and grid.shape == (top + b * k * h + pad,
+                                                     s * k * w + (s - 1) * pad, 3)
+    np.testing.assert_array_equal(grid[:top], visualize.title_strip(
+        [f"without slot {i}" for i in range(1, s + 1)], k * w, pad))
     original = rng.random((b, h, w, 3)).astype(np.float32)
-    grid = visualize.slot_deletion_grid(removed, original=original)
-    assert grid.shape == (b * h + pad, (s + 1) * w + s * pad, 3)
-    np.testing.assert_array_equal(grid[:h, :w], visualize.to_uint8(original[0]))
-    np.testing.assert_array_equal(grid[h + pad:, w + pad:2 * w + pad],
-                                  visualize.to_uint8(removed[1, 0]))
+    grid = visualize.slot_deletion_grid(removed, original=original, original_title="input")
+    assert grid.shape[1] == (s + 1) * k * w + s * pad
+    np.testing.assert_array_equal(grid[:top], visualize.title_strip(
+        ["input"] + [f"without slot {i}" for i in range(1, s + 1)], k * w, pad))
+
+    def up(x):
+        return np.repeat(np.repeat(visualize.to_uint8(x), k, 0), k, 1)
+
+    np.testing.assert_array_equal(grid[top:top + k * h, :k * w], up(original[0]))
+    y, x = top + k * h + pad, k * w + pad
+    np.testing.assert_array_equal(grid[y:y + k * h, x:x + k * w], up(removed[1, 0]))
 
 
 def test_to_uint8_and_save_png(tmp_path):
@@ -93,20 +175,25 @@ def test_to_uint8_and_save_png(tmp_path):
         visualize.save_png(str(tmp_path / "bad.png"), np.zeros((2, 5, 6, 3)))
 
 
-def test_training_and_model_grids():
+def test_model_grids_names_and_titles():
     rng = np.random.default_rng(4)
     b, s, h, w = 2, 3, 8, 8
-    slate = {"image": _batch(rng, b, h, w), "dvae_recon": _batch(rng, b, h, w),
-             "slot_recon": _batch(rng, b, h, w), "masks": rng.random((b, s, h, w))}
+    slate = Pictures(image=_batch(rng, b, h, w), masks=rng.random((b, s, h, w)),
+                     recon=_batch(rng, b, h, w), dvae_recon=_batch(rng, b, h, w))
     grids = visualize.model_grids(slate)
-    np.testing.assert_array_equal(grids["slate"], visualize.slate_grid(
-        slate["image"], slate["dvae_recon"], slate["slot_recon"], slate["masks"]))
-    slate["slot_deletion"] = rng.random((b, s, h, w, 3))
-    grids = visualize.model_grids(slate)
+    assert set(grids) == {"slate"}
+    np.testing.assert_array_equal(grids["slate"], visualize.slots_grid(slate))
+    deletion = rng.random((b, s, h, w, 3))
+    grids = visualize.model_grids(slate._replace(slot_deletion=deletion))
     assert set(grids) == {"slate", "slot_deletion"}
-    assert grids["slot_deletion"].shape == (2 * h + 2, (s + 1) * w + s * 2, 3)
-    # A slot autoencoder's arrays: input, recon, masks and per-slot reconstructions.
-    other = {"image": _batch(rng, b, h, w), "recon": _batch(rng, b, h, w),
-             "masks": rng.random((b, s, h, w)), "per_slot": rng.random((b, s, h, w, 3))}
-    grid = visualize.model_grids(other)["reconstruction"]
-    assert grid.dtype == np.uint8 and grid.shape == (2 * h + 2, (2 + 2 * s) * (w + 2) - 2, 3)
+    # Fig. 9 starts from the reconstruction from slots.
+    np.testing.assert_array_equal(grids["slot_deletion"], visualize.slot_deletion_grid(
+        deletion, slate.recon, "reconstruction from slots"))
+    # Models without a dVAE give "reconstruction"; without a reconstruction, deletion starts
+    # from the input.
+    other = Pictures(image=slate.image, masks=slate.masks,
+                     slot_deletion=rng.random((b, s, h, w, 3)))
+    grids = visualize.model_grids(other)
+    assert set(grids) == {"reconstruction", "slot_deletion"}
+    np.testing.assert_array_equal(grids["slot_deletion"], visualize.slot_deletion_grid(
+        other.slot_deletion, other.image, "input"))

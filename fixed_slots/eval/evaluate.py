@@ -4,6 +4,8 @@ Writes `workdir/eval/metrics.json` and PNG grids under `workdir/eval/`. Every mo
 `evaluate_batch(batch, key) -> EvalBatch` (jittable): per-example metrics that are averaged here,
 and arrays for host-side metrics (FID on generated images, set-prediction AP). Nothing is made up:
 FID without Inception weights is skipped with a message, and recorded as skipped.
+
+Only the params are read from the checkpoint (`fixed_slots.trained.restore_params`).
 """
 from __future__ import annotations
 
@@ -18,33 +20,31 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fixed_slots import configlib, models
+from fixed_slots import configlib, visualize
 from fixed_slots.data.pipeline import make_loader
-from fixed_slots.eval import visualize
+from fixed_slots.errors import ConfigError
+from fixed_slots.eval.metrics import PropertyLayout, average_precisions
+from fixed_slots.models import set_prediction
+from fixed_slots.models.protocol import SetPredictions
 from fixed_slots.train import sharding
+from fixed_slots.trained import restore_params
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str):
-    """(graphdef, params, step) of the latest good checkpoint; a clear error if there is none."""
-    from fixed_slots.train.checkpoint import Checkpointer
-    from fixed_slots.train.optim import make_optimizer
-    from fixed_slots.train.train_step import TrainState
+def ap_layout(config: ml_collections.ConfigDict) -> PropertyLayout:
+    """How AP reads the set predictor's target vectors under this config (in scene units)."""
+    layout, position_scale = set_prediction.LAYOUTS[set_prediction.layout_name(config)]
+    return PropertyLayout.from_target_layout(layout, position_scale)
 
-    model = models.create(config, rngs=nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    target = {"state": TrainState.create(params, make_optimizer(config.optim, params))}
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    checkpointer = Checkpointer(ckpt_dir)
-    try:
-        restored = checkpointer.restore_latest(target)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}: train first with "
-            f"`python main.py --config=... --workdir={workdir}`")
-    step, tree, _, _ = restored
-    return graphdef, tree["state"].params, step
+
+class MissingInceptionWeightsError(ConfigError, FileNotFoundError):
+    """config.eval.inception_weights names a file that does not exist."""
+
+
+def _check_inception_weights(config: ml_collections.ConfigDict) -> None:
+    path = config.eval.inception_weights
+    if path and not os.path.exists(path):
+        raise MissingInceptionWeightsError(
+            f"config.eval.inception_weights={path!r} does not exist")
 
 
 def _fid(config, real: np.ndarray, generated: np.ndarray) -> float | str:
@@ -56,8 +56,7 @@ def _fid(config, real: np.ndarray, generated: np.ndarray) -> float | str:
                    "--config.eval.inception_weights=fid_inception.npz")
         logging.warning(message)
         return "skipped: no --config.eval.inception_weights"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.eval.inception_weights={path!r} does not exist")
+    _check_inception_weights(config)
     from fixed_slots.eval.inception import compute_fid
 
     return compute_fid(real, generated, path, batch_size=config.eval.batch_size)
@@ -71,6 +70,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """
     sharding.maybe_initialize_distributed()  # before validate, which counts devices
     configlib.validate(config)
+    _check_inception_weights(config)  # before any work
     graphdef, params, step = restore_params(config, workdir)
     out_dir = os.path.join(workdir, "eval")
     primary = jax.process_index() == 0
@@ -99,7 +99,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     key = jax.random.key(config.seed + 1)
     sums: dict[str, float] = {}
     count = 0
-    host_arrays: dict[str, list[np.ndarray]] = {}
+    generated: list[np.ndarray] = []
+    set_predictions: list[SetPredictions] = []
     real_images: list[np.ndarray] = []
     for index, batch in batches:
         if config.eval.num_batches and index >= config.eval.num_batches:
@@ -109,8 +110,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for name, values in result.per_example.items():
             sums[name] = sums.get(name, 0.0) + float(np.sum(values))
         count += len(batch["image"])
-        for name, values in result.arrays.items():
-            host_arrays.setdefault(name, []).append(np.asarray(values))
+        if result.generated is not None:
+            generated.append(np.asarray(result.generated))
+        if result.set_predictions is not None:
+            set_predictions.append(result.set_predictions)
         real_images.append(sharding.to_host(batch["image"]))
         if index == 0:
             grids = jax.device_get(pictures(params, {k: v[: config.eval.num_images]
@@ -121,16 +124,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError("the evaluation split produced no batch (is it smaller than "
                          f"config.eval.batch_size={config.eval.batch_size}?)")
     metrics: dict[str, Any] = {name: total / count for name, total in sums.items()}
-    arrays = {name: np.concatenate(parts) for name, parts in host_arrays.items()}
-    if "generated" in arrays:
-        metrics["fid"] = _fid(config, np.concatenate(real_images), arrays["generated"])
-    if "prediction" in arrays:
-        from fixed_slots.eval.metrics import average_precisions
-        from fixed_slots.models.set_prediction import target_layout
-
-        metrics.update(average_precisions(
-            arrays["prediction"], arrays["prediction_prob"], arrays["target"],
-            arrays["target_visible"], target_layout(config)))
+    if generated:
+        metrics["fid"] = _fid(config, np.concatenate(real_images), np.concatenate(generated))
+    if set_predictions:
+        p = SetPredictions(*(np.concatenate(parts) for parts in zip(*set_predictions)))
+        metrics.update(average_precisions(p.prediction, p.prediction_prob, p.target,
+                                          p.target_visible, ap_layout(config)))
     metrics.update({"step": int(step), "num_images": count,
                     "mse_scale": "sum over pixels and channels per image, images in [0, 1], "
                                  "averaged over images"})

@@ -1,31 +1,19 @@
-"""Pieces every model shares: its output type, the slot-attention encoder, diagnostics."""
+"""Pieces every model shares: the slot-attention encoder and the Jacobian diagnostic.
+
+The output types and the model contract are in `fixed_slots.models.protocol`.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fixed_slots.eval.metrics import adjusted_rand_index
 from fixed_slots.fixed_point import FixedPointInfo, jacobian_spectral_norm
+from fixed_slots.models.protocol import FixedPointStep, SlotEncoding, SlotModel
 from fixed_slots.modules.slot_attention import SlotAttention
 
 _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
-
-
-class ModelOutput(NamedTuple):
-    loss: jax.Array  # [] scalar to minimise
-    metrics: dict[str, jax.Array]  # scalars, averaged over the batch
-    outputs: dict[str, jax.Array]  # per-example arrays for pictures and evaluation
-
-
-class EvalBatch(NamedTuple):
-    """What a model's `evaluate_batch` returns (see fixed_slots.eval.evaluate)."""
-    per_example: dict[str, jax.Array]  # name -> [B], averaged over the evaluation set
-    arrays: dict[str, jax.Array]  # "generated" [B,H,W,3] for FID; "prediction"... for AP
 
 
 def slot_attention_from_config(config: ml_collections.ConfigDict, *, input_size: int,
@@ -61,22 +49,14 @@ class SlotAttentionEncoder(nnx.Module):
                                                 num_iterations=num_iterations)
         return slots, attn, info, x
 
+    def fixed_point_step(self, sa_inputs: jax.Array) -> FixedPointStep:
+        """(f, params, args) of the slot-attention update on the SA inputs [B, N, D]."""
+        return self.slot_attention.step_function(sa_inputs)
 
-def slot_jacobian_spectral_norm(slot_attention: SlotAttention, sa_inputs: jax.Array,
-                                slots: jax.Array, key: jax.Array, num_iters: int = 20
-                                ) -> jax.Array:
-    """Per-example spectral norm of d step / d slots at the returned slots (Fig. 1b / 5). [B]"""
-    f, params, args = slot_attention.step_function(sa_inputs)
-    return jacobian_spectral_norm(f, params, slots, *args, key=key, num_iters=num_iters,
+
+def slot_jacobian_spectral_norm(model: SlotModel, encoding: SlotEncoding, key: jax.Array,
+                                num_iters: int = 20) -> jax.Array:
+    """Per-example spectral norm of d step / d slots at the encoding's slots (Fig. 1b / 5). [B]"""
+    f, params, args = model.fixed_point_step(encoding.sa_inputs)
+    return jacobian_spectral_norm(f, params, encoding.slots, *args, key=key, num_iters=num_iters,
                                   batch_axis=0, has_aux=True)
-
-
-def segmentation_metrics(true_mask: jax.Array, masks: jax.Array, num_mask_ids: int
-                         ) -> dict[str, jax.Array]:
-    """ARI and FG-ARI [B] of argmax-over-slots of masks [B, S, H, W] vs true ids [B, H, W]."""
-    masks = jax.lax.stop_gradient(masks)
-    pred = jnp.argmax(masks, axis=1)  # [B, H, W] slot owning each pixel
-    true = true_mask.astype(jnp.int32)
-    s = masks.shape[1]
-    return {"ari": adjusted_rand_index(true, pred, num_mask_ids, s),
-            "fg_ari": adjusted_rand_index(true, pred, num_mask_ids, s, ignore_background=True)}

@@ -13,12 +13,10 @@ objects) are all-zero targets and are matched like real ones, as in the official
 with fewer rows than slots are padded with zero rows so that every slot is matched.
 
 Average precision needs the host: `evaluate_batch` returns predictions, confidences (the last,
-"visible" entry) and targets, and `fixed_slots.eval.evaluate` computes AP at the official
-thresholds with `target_layout(config)`.
+"visible" entry) and targets (`SetPredictions`), and `fixed_slots.eval.evaluate` computes AP at
+the official thresholds in the units of `LAYOUTS`.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +25,15 @@ from flax import nnx
 
 from fixed_slots.data.sources import CLEVR_TARGET_LAYOUT
 from fixed_slots.data.synthetic import SYNTHETIC_TARGET_LAYOUT, TargetLayout
-from fixed_slots.eval.metrics import (
-    PropertyLayout,
-    hungarian_matching_jax,
-    pairwise_huber_cost,
+from fixed_slots.models.losses import hungarian_huber_per_image
+from fixed_slots.models.protocol import (
+    EvalBatch,
+    FixedPointStep,
+    ModelOutput,
+    Pictures,
+    SetPredictions,
+    SlotEncoding,
 )
-from fixed_slots.models.common import EvalBatch, ModelOutput
 from fixed_slots.models.slot_autoencoder import (
     check_image,
     cnn_slot_encoder_from_config,
@@ -79,19 +80,6 @@ def data_layout(config: ml_collections.ConfigDict) -> TargetLayout:
     return LAYOUTS[layout_name(config)][0]
 
 
-def property_layout(layout: TargetLayout, position_scale: float = 1.0) -> PropertyLayout:
-    """The AP metric's reading of a TargetLayout: positions, then the one-hot groups in order."""
-    groups = tuple((name, s.stop - s.start) for name, s in layout.categorical.items())
-    return PropertyLayout(position_dims=layout.position_dims, categorical_groups=groups,
-                          position_scale=position_scale)
-
-
-def target_layout(config: ml_collections.ConfigDict) -> PropertyLayout:
-    """PropertyLayout for `fixed_slots.eval.metrics.average_precisions` under this config."""
-    layout, scale = LAYOUTS[layout_name(config)]
-    return property_layout(layout, scale)
-
-
 def pad_objects(target: jax.Array, num_slots: int) -> jax.Array:
     """target [B, K, D] -> [B, num_slots, D] with zero rows appended (K <= num_slots)."""
     k = target.shape[1]
@@ -100,17 +88,6 @@ def pad_objects(target: jax.Array, num_slots: int) -> jax.Array:
                          f"{num_slots} slots (config.slot_attention.num_slots); every object "
                          f"needs a slot")
     return jnp.pad(target, ((0, 0), (0, num_slots - k), (0, 0)))
-
-
-def matched_huber(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """Hungarian-matched Huber cost per image [B]: pred [B, S, D], target [B, S, D].
-
-    The mean over the batch is `fixed_slots.eval.metrics.hungarian_huber_loss`.
-    """
-    cost = pairwise_huber_cost(pred, target)  # [B, O, S] (rows = targets)
-    rows, cols = hungarian_matching_jax(cost)  # [B, K] each
-    matched = cost[jnp.arange(cost.shape[0])[:, None], rows, cols]  # [B, K]
-    return jnp.sum(matched, axis=1)
 
 
 class SetPredictor(nnx.Module):
@@ -151,16 +128,19 @@ class SetPredictor(nnx.Module):
         slots, attn, info, _ = self.encoder(to_network_range(image), key, train=train)
         pred = self.predict(slots)  # [B, S, D]
         target = pad_objects(batch["target"].astype(jnp.float32), self.num_slots)  # [B, S, D]
-        loss = jnp.mean(matched_huber(pred, target))
+        loss = jnp.mean(hungarian_huber_per_image(pred, target))
         metrics = {"loss": loss, "slot_residual": jnp.mean(info.final_residual)}
         outputs = {"prediction": pred, "target": target, "attention": attn, "slots": slots}
         return ModelOutput(loss, metrics, outputs)
 
     def encode_slots(self, image: jax.Array, key: jax.Array, *, num_iterations: int | None = None
-                     ) -> dict[str, Any]:
+                     ) -> SlotEncoding:
         """Slot inference (eval iterations unless given): slots, attention, info, SA inputs."""
         self._check_image(image)
         return self.encoder.infer(image, key, num_iterations=num_iterations)
+
+    def fixed_point_step(self, sa_inputs: jax.Array) -> FixedPointStep:
+        return self.encoder.fixed_point_step(sa_inputs)
 
     def attention_masks(self, attention: jax.Array) -> jax.Array:
         """Attention [B, S, h*w] over the feature grid -> masks [B, S, H, W] (nearest)."""
@@ -169,26 +149,25 @@ class SetPredictor(nnx.Module):
         return jax.image.resize(masks, (b, s, self.image_size, self.image_size), "nearest")
 
     def visualize(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
-                  ) -> dict[str, jax.Array]:
+                  ) -> Pictures:
         """Input and the slots' attention masks [B, S, H, W]."""
         del step
         enc = self.encode_slots(batch["image"], key)
-        return {"image": batch["image"], "masks": self.attention_masks(enc["attention"])}
+        return Pictures(image=batch["image"], masks=self.attention_masks(enc.attention))
 
     def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array) -> EvalBatch:
         """Per-example matched Huber loss; predictions and targets for the host-side AP."""
         enc = self.encode_slots(batch["image"], key)
         self._check_target(batch["target"])
-        pred = self.predict(enc["slots"])  # [B, S, D]
+        pred = self.predict(enc.slots)  # [B, S, D]
         target = pad_objects(batch["target"].astype(jnp.float32), self.num_slots)
-        per_example = {"loss": matched_huber(pred, target),
-                       "slot_residual": enc["info"].final_residual}
+        per_example = {"loss": hungarian_huber_per_image(pred, target),
+                       "slot_residual": enc.info.final_residual}
         visible = self.layout.visible.start
-        arrays = {"prediction": pred, "prediction_prob": pred[..., visible],
-                  "target": target, "target_visible": (target[..., visible] > 0.5)
-                  .astype(jnp.float32)}
-        return EvalBatch(per_example, arrays)
+        predictions = SetPredictions(
+            prediction=pred, prediction_prob=pred[..., visible], target=target,
+            target_visible=(target[..., visible] > 0.5).astype(jnp.float32))
+        return EvalBatch(per_example, set_predictions=predictions)
 
-    def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array
-                            ) -> dict[str, jax.Array]:
+    def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array) -> Pictures:
         return self.visualize(batch, key, jnp.int32(0))

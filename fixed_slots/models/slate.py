@@ -9,22 +9,22 @@ dVAE because the tokens are sampled and detached.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fixed_slots.eval.decode import generate_tokens
-from fixed_slots.eval.metrics import mse_per_image
-from fixed_slots.models.common import (
+from fixed_slots.models.common import SlotAttentionEncoder, slot_attention_from_config
+from fixed_slots.models.losses import mse_per_image
+from fixed_slots.models.protocol import (
     EvalBatch,
+    FixedPointStep,
     ModelOutput,
-    SlotAttentionEncoder,
-    segmentation_metrics,
-    slot_attention_from_config,
+    Pictures,
+    SlotEncoding,
 )
+from fixed_slots.models.segmentation import segmentation_metrics
+from fixed_slots.modules.decoding import generate_tokens
 from fixed_slots.modules.dvae import DVAE, cosine_anneal, gumbel_max, gumbel_softmax
 from fixed_slots.modules.encoders import LearnedPositionEmbedding, TokenEmbedding
 from fixed_slots.modules.transformer import TransformerDecoder
@@ -116,16 +116,19 @@ class Slate(nnx.Module):
         return ModelOutput(loss, metrics, outputs)
 
     def encode_slots(self, image: jax.Array, key: jax.Array, *, num_iterations: int | None = None
-                     ) -> dict[str, Any]:
-        """Deterministic slot inference (no dropout, argmax tokens): slots, attention, inputs."""
+                     ) -> SlotEncoding:
+        """Deterministic slot inference (no dropout, argmax tokens): slots, attention over the
+        token grid, SA inputs, and the tokens."""
         self._check_image(image)
         log_probs = self.dvae.encode(image)
         tokens = jnp.argmax(log_probs, axis=-1).reshape(image.shape[0], -1).astype(jnp.int32)
         emb = self.embed(tokens + 1, 1)  # positions 1..L, as in training
         slots, attn, info, sa_inputs = self.encoder(emb.astype(jnp.float32), key, train=False,
                                                     num_iterations=num_iterations)
-        return {"slots": slots, "attention": attn, "info": info, "sa_inputs": sa_inputs,
-                "tokens": tokens}
+        return SlotEncoding(slots, attn, info, sa_inputs, tokens)
+
+    def fixed_point_step(self, sa_inputs: jax.Array) -> FixedPointStep:
+        return self.encoder.fixed_point_step(sa_inputs)
 
     def decode_slots(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Slots [B, S, D_slot] -> (image [B, H, W, 3] in [0, 1], tokens [B, L]) by greedy
@@ -143,44 +146,42 @@ class Slate(nnx.Module):
         one_hot = jax.nn.one_hot(grid_tokens, self.vocab_size, dtype=self.compute_dtype)
         return jnp.clip(self.dvae.decode(one_hot).astype(jnp.float32), 0, 1)
 
-    def _picture_arrays(self, image: jax.Array, enc: dict[str, Any]) -> dict[str, jax.Array]:
-        slot_recon, _ = self.decode_slots(enc["slots"])
-        return {"image": image, "dvae_recon": self.dvae_reconstruct(enc["tokens"]),
-                "slot_recon": slot_recon,
-                "masks": upsample_attention(enc["attention"], self.grid, self.image_size)}
+    def _pictures(self, image: jax.Array, enc: SlotEncoding) -> Pictures:
+        slot_recon, _ = self.decode_slots(enc.slots)
+        return Pictures(image=image,
+                        masks=upsample_attention(enc.attention, self.grid, self.image_size),
+                        recon=slot_recon, dvae_recon=self.dvae_reconstruct(enc.tokens))
 
     def visualize(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
-                  ) -> dict[str, jax.Array]:
+                  ) -> Pictures:
         """Arrays for the dashboard / Fig. 4: input, dVAE and slot reconstructions, masks."""
-        return self._picture_arrays(batch["image"], self.encode_slots(batch["image"], key))
+        return self._pictures(batch["image"], self.encode_slots(batch["image"], key))
 
     def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array) -> EvalBatch:
         """Table 3: MSE of the autoregressive reconstruction from slots (and of the dVAE)."""
         image = batch["image"]
         enc = self.encode_slots(image, key)
-        slot_recon, _ = self.decode_slots(enc["slots"])
+        slot_recon, _ = self.decode_slots(enc.slots)
         per_example = {
             "mse_slot_recon": mse_per_image(image, slot_recon),
-            "mse_dvae_recon": mse_per_image(image, self.dvae_reconstruct(enc["tokens"])),
-            "slot_residual": enc["info"].final_residual,
+            "mse_dvae_recon": mse_per_image(image, self.dvae_reconstruct(enc.tokens)),
+            "slot_residual": enc.info.final_residual,
         }
         if self.segmentation_metrics and "mask" in batch:
-            masks = upsample_attention(enc["attention"], self.grid, self.image_size)
+            masks = upsample_attention(enc.attention, self.grid, self.image_size)
             per_example.update(segmentation_metrics(batch["mask"], masks, self.num_mask_ids))
-        return EvalBatch(per_example, {"generated": slot_recon})
+        return EvalBatch(per_example, generated=slot_recon)
 
-    def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array
-                            ) -> dict[str, jax.Array]:
+    def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array) -> Pictures:
         """Fig. 4 arrays plus Fig. 9's slot deletion: [B, S, H, W, 3] decoded without slot s."""
         enc = self.encode_slots(batch["image"], key)
-        arrays = self._picture_arrays(batch["image"], enc)
-        slots = enc["slots"]  # [B, S, D]
+        slots = enc.slots  # [B, S, D]
         b, s, d = slots.shape
         removed = jnp.stack([jnp.delete(slots, i, axis=1, assume_unique_indices=True)
                              for i in range(s)], axis=1)  # [B, S, S-1, D]
         images, _ = self.decode_slots(removed.reshape(b * s, s - 1, d))
-        arrays["slot_deletion"] = images.reshape(b, s, *images.shape[1:])
-        return arrays
+        return self._pictures(batch["image"], enc)._replace(
+            slot_deletion=images.reshape(b, s, *images.shape[1:]))
 
 
 def upsample_attention(attention: jax.Array, grid: int, image_size: int) -> jax.Array:

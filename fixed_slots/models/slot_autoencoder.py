@@ -18,14 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fixed_slots.eval.metrics import mse_per_image
 from fixed_slots.fixed_point import FixedPointInfo
-from fixed_slots.models.common import (
+from fixed_slots.models.common import slot_attention_from_config
+from fixed_slots.models.losses import mse_per_image
+from fixed_slots.models.protocol import (
     EvalBatch,
+    FixedPointStep,
     ModelOutput,
-    segmentation_metrics,
-    slot_attention_from_config,
+    Pictures,
+    SlotEncoding,
 )
+from fixed_slots.models.segmentation import segmentation_metrics
 from fixed_slots.modules.decoders import SpatialBroadcastDecoder
 from fixed_slots.modules.encoders import CNNEncoder
 from fixed_slots.modules.slot_attention import SlotAttention
@@ -56,11 +59,7 @@ def compute_dtype_of(config: ml_collections.ConfigDict) -> Any:
 
 
 class CNNSlotEncoder(nnx.Module):
-    """Image [B, H, W, 3] in [-1, 1] -> CNN feature set [B, N, D] -> slot attention.
-
-    `slot_attention` is an attribute so that diagnostics can reach the refinement step
-    (`model.encoder.slot_attention`, as for SLATE).
-    """
+    """Image [B, H, W, 3] in [-1, 1] -> CNN feature set [B, N, D] -> slot attention."""
 
     def __init__(self, cnn: CNNEncoder, slot_attention: SlotAttention):
         self.cnn = cnn
@@ -76,11 +75,15 @@ class CNNSlotEncoder(nnx.Module):
         return slots, attn, info, x
 
     def infer(self, image: jax.Array, key: jax.Array, *, num_iterations: int | None = None
-              ) -> dict[str, Any]:
+              ) -> SlotEncoding:
         """Evaluation-mode slots of images in [0, 1]: slots, attention, info, SA inputs."""
         slots, attn, info, sa_inputs = self(to_network_range(image), key, train=False,
                                             num_iterations=num_iterations)
-        return {"slots": slots, "attention": attn, "info": info, "sa_inputs": sa_inputs}
+        return SlotEncoding(slots, attn, info, sa_inputs)
+
+    def fixed_point_step(self, sa_inputs: jax.Array) -> FixedPointStep:
+        """(f, params, args) of the slot-attention update on the SA inputs [B, N, D]."""
+        return self.slot_attention.step_function(sa_inputs)
 
 
 def cnn_slot_encoder_from_config(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
@@ -156,10 +159,13 @@ class SlotAutoencoder(nnx.Module):
         return ModelOutput(loss, metrics, outputs)
 
     def encode_slots(self, image: jax.Array, key: jax.Array, *, num_iterations: int | None = None
-                     ) -> dict[str, Any]:
+                     ) -> SlotEncoding:
         """Slot inference (eval iterations unless given): slots, attention, info, SA inputs."""
         self._check_image(image)
         return self.encoder.infer(image, key, num_iterations=num_iterations)
+
+    def fixed_point_step(self, sa_inputs: jax.Array) -> FixedPointStep:
+        return self.encoder.fixed_point_step(sa_inputs)
 
     def decode_slots(self, slots: jax.Array) -> dict[str, jax.Array]:
         """Slots [B, S, D] -> recon [B,H,W,3], recons [B,S,H,W,3] (both [0, 1]), masks [B,S,H,W]."""
@@ -168,7 +174,7 @@ class SlotAutoencoder(nnx.Module):
                 "masks": masks}
 
     def visualize(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
-                  ) -> dict[str, jax.Array]:
+                  ) -> Pictures:
         """Input, reconstruction, alpha masks [B,S,H,W], per-slot images [B,S,H,W,3].
 
         `per_slot` is each slot's RGB shown through its alpha mask on white (the official
@@ -176,32 +182,31 @@ class SlotAutoencoder(nnx.Module):
         """
         del step
         image = batch["image"]
-        dec = self.decode_slots(self.encode_slots(image, key)["slots"])
+        dec = self.decode_slots(self.encode_slots(image, key).slots)
         m = dec["masks"][..., None]
-        return {"image": image, "recon": dec["recon"], "masks": dec["masks"],
-                "per_slot": dec["recons"] * m + (1.0 - m)}
+        return Pictures(image=image, masks=dec["masks"], recon=dec["recon"],
+                        per_slot=dec["recons"] * m + (1.0 - m))
 
     def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array) -> EvalBatch:
         """Per-example reconstruction MSE (sum over pixels, [0, 1] images), ARI, FG-ARI."""
         image = batch["image"]
         enc = self.encode_slots(image, key)
-        dec = self.decode_slots(enc["slots"])
+        dec = self.decode_slots(enc.slots)
         per_example = {"mse_recon": mse_per_image(image, dec["recon"]),
-                       "slot_residual": enc["info"].final_residual}
+                       "slot_residual": enc.info.final_residual}
         if self.segmentation_metrics and "mask" in batch:
             per_example.update(segmentation_metrics(batch["mask"], dec["masks"],
                                                     self.num_mask_ids))
-        return EvalBatch(per_example, {})
+        return EvalBatch(per_example)
 
-    def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array
-                            ) -> dict[str, jax.Array]:
+    def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array) -> Pictures:
         """`visualize` plus slot deletion [B, S, H, W, 3]: the image composed without slot s.
 
         Deleting a slot renormalises the alpha masks of the others, which is exactly the
         softmax over the remaining slots' alpha logits.
         """
         enc = self.encode_slots(batch["image"], key)
-        recon, recons, masks = self._decode(enc["slots"])
+        recon, recons, masks = self._decode(enc.slots)
         s = masks.shape[1]
         keep = 1.0 - jnp.eye(s, dtype=masks.dtype)  # [deleted, S]
         kept = masks[:, None] * keep[None, :, :, None, None]  # [B, S_del, S, H, W]
@@ -209,5 +214,5 @@ class SlotAutoencoder(nnx.Module):
         deleted = jnp.sum(recons[:, None] * kept[..., None], axis=2)  # [B, S_del, H, W, 3]
         m = masks[..., None]
         per_slot = from_network_range(recons) * m + (1.0 - m)
-        return {"image": batch["image"], "recon": from_network_range(recon), "masks": masks,
-                "per_slot": per_slot, "slot_deletion": from_network_range(deleted)}
+        return Pictures(image=batch["image"], masks=masks, recon=from_network_range(recon),
+                        per_slot=per_slot, slot_deletion=from_network_range(deleted))

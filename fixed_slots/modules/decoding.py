@@ -1,4 +1,5 @@
-"""Greedy autoregressive generation of dVAE tokens from slots (`reconstruct_autoregressive`).
+"""Greedy autoregressive generation of tokens from slots with `TransformerDecoder` (SLATE's
+`reconstruct_autoregressive`), a building block of the models.
 
 Two algorithms with one signature:
 - `generate_tokens`: KV cache, one token per step, O(L) attention work per step, a `lax.scan`

@@ -9,6 +9,11 @@ A checkpoint at step N is the directory `<directory>/N` with two orbax items:
 Resume order is explicit: `restore_latest` returns the newest checkpoint that restores, or None
 when the directory holds no checkpoint at all (the caller then initialises from scratch).
 
+Reading a trained model: `restore_params` reads only the params of the saved train state (orbax
+partial restore: the optimizer state is never read, no optimizer or TrainState is built) and
+changes nothing on disk (no directory created, no temporary directory cleaned, nothing renamed),
+so it may run while training writes to the same directory.
+
 Corruption. A checkpoint "fails to restore" when orbax raises (truncated or missing files, missing
 items, garbled JSON) or when a restored leaf does not match the fingerprint written at save time
 (garbled array bytes can decode without any error; the fingerprint catches them). Each failure is
@@ -28,8 +33,10 @@ order; `tests/test_checkpoint.py` kills a save before its rename to check this).
 """
 from __future__ import annotations
 
+import ast
 import base64
 import os
+import re
 from typing import Any
 
 import jax
@@ -198,10 +205,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def should_save(self, step: int) -> bool:
-        """Whether `save(step)` without force would write (interval, and newer than the latest)."""
-        return self._manager.should_save(step)
-
     def save(self, step: int, *, state_pytree: Any, rng: jax.Array | None,
              data_state: bytes | str | dict | None = None, metadata: dict | None = None,
              force: bool = False) -> bool:
@@ -318,3 +321,91 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- params-only restore (evaluation, a user loading a trained model) -------------------------
+
+_PARAMS = "params"  # the train state's field holding the model params (TrainState.params)
+_KEY_PART = re.compile(r"""\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|-?\d+)\]|\.(\w+)""")
+
+
+def _path_names(keystr: str) -> tuple[str, ...] | None:
+    """"['state'].params['blocks'][0]" -> ("state", "params", "blocks", "0"): the names of a
+    leaf's path, the same whether a level is a dict, a dataclass or a list (None if unparsable)."""
+    names, end = [], 0
+    for match in _KEY_PART.finditer(keystr):
+        if match.start() != end:
+            return None
+        key, attr = match.groups()
+        names.append(attr if attr is not None else str(ast.literal_eval(key)))
+        end = match.end()
+    return tuple(names) if end == len(keystr) else None
+
+
+def _verify_subtree_fingerprints(tree: Any, saved: dict[str, list] | None) -> None:
+    """Like `_verify_fingerprints` for a part of the saved tree restored into plain dicts: leaves
+    are matched by the names along their paths."""
+    if saved is None:
+        return
+    by_names = {_path_names(path): entry for path, entry in saved.items()}
+    for path, (dtype, value) in _fingerprint_table(tree).items():
+        expected = by_names.get(_path_names(path))
+        if expected is not None and expected[0] == dtype and expected[1] != value:
+            raise FingerprintMismatchError(
+                f"leaf {path} does not match the fingerprint written at save time "
+                f"(saved {expected[1]}, restored {value}): its bytes are garbled")
+
+
+def restore_params(directory: str, target: Any, *, step: int | None = None
+                   ) -> tuple[int, Any] | None:
+    """(step, params) from the train state saved in `directory` (`save(state_pytree={"state":
+    TrainState})`, as the trainer does), reading nothing else; None if it holds no checkpoint.
+
+    `target` is shaped like the params: concrete arrays or jax.ShapeDtypeStruct leaves (restored
+    arrays take their shardings; none: the first local device). Without `step`, the newest step
+    that restores (a newer unreadable one is logged and skipped, never renamed); a given `step`
+    must restore. Raises CheckpointRestoreError if checkpoints exist and none restores.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return None
+    # Read-only use: create nothing, clean no temporary directory of a save in progress.
+    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+    manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _META))
+    try:
+        available = sorted(manager.all_steps(), reverse=True)
+        if step is not None and int(step) not in available:
+            raise FileNotFoundError(f"no checkpoint at step {step} in {directory} (steps: "
+                                    f"{sorted(available) or 'none'})")
+        steps = [int(step)] if step is not None else available
+        if not steps:
+            return None
+        abstract = {_STATE: {_PARAMS: jax.tree.map(_abstract_leaf, target)}}
+        args = ocp.args.Composite(**{
+            _STATE: ocp.args.PyTreeRestore(
+                item=abstract, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+            _META: ocp.args.JsonRestore()})
+        failed: list[tuple[int, BaseException]] = []
+        for candidate in steps:
+            try:
+                restored = manager.restore(candidate, args=args)
+                meta = restored[_META]
+                if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+                    raise ValueError(f"item {_META!r} is not a fixed_slots checkpoint record "
+                                     f"(format {_FORMAT}): {str(meta)[:200]}")
+                tree = restored[_STATE]
+                _verify_subtree_fingerprints(tree, meta.get("fingerprints"))
+                return candidate, tree[_STATE][_PARAMS]
+            except Exception as error:  # any failure to read makes this step unusable
+                if step is not None:
+                    raise
+                failed.append((candidate, error))
+                logging.warning("Checkpoint at step %d in %s could not be restored (%s); trying "
+                                "the previous checkpoint.", candidate, directory, _short(error))
+        details = "\n  ".join(f"step {s}: {_short(e)}" for s, e in failed)
+        raise CheckpointRestoreError(
+            f"{len(failed)} checkpoint(s) exist in {directory} but none could be restored:"
+            f"\n  {details}")
+    finally:
+        manager.close()

@@ -1,0 +1,134 @@
+"""Data flows one way: data -> modules -> models -> train (step, checkpoints, writers); eval and
+the trained-model reader on top. Read from the source (every import statement, also those inside
+functions, and dotted `fixed_slots.*` strings handed to importlib), not by importing."""
+import ast
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fixed_slots"
+_DOTTED = re.compile(r"fixed_slots(\.\w+)+")
+
+# importer (a module or a package prefix) -> (forbidden prefixes, allowed exceptions).
+RULES = {
+    # The reusable layer: JAX only, nothing else of ours.
+    "fixed_slots.fixed_point": (("fixed_slots.",), ("fixed_slots.fixed_point",)),
+    "fixed_slots.data": (("fixed_slots.modules", "fixed_slots.models", "fixed_slots.train",
+                          "fixed_slots.eval", "fixed_slots.visualize", "fixed_slots.trained",
+                          "fixed_slots.experiments"), ()),
+    "fixed_slots.modules": (("fixed_slots.models", "fixed_slots.train", "fixed_slots.eval",
+                             "fixed_slots.data", "fixed_slots.visualize", "fixed_slots.trained",
+                             "fixed_slots.experiments"), ()),
+    "fixed_slots.models": (("fixed_slots.train", "fixed_slots.eval", "fixed_slots.visualize",
+                            "fixed_slots.trained", "fixed_slots.experiments"), ()),
+    # The picture grids serve the trainer and evaluation alike.
+    "fixed_slots.visualize": (("fixed_slots.train", "fixed_slots.eval", "fixed_slots.trained",
+                               "fixed_slots.experiments"), ()),
+    "fixed_slots.train": (("fixed_slots.eval", "fixed_slots.trained",
+                           "fixed_slots.experiments"), ()),
+    # Evaluation reads checkpoints, nothing else of training; the mesh helpers that live in
+    # train/ serve its multi-process path.
+    "fixed_slots.eval": (("fixed_slots.train",),
+                         ("fixed_slots.train.checkpoint", "fixed_slots.train.sharding")),
+    "fixed_slots.trained": (("fixed_slots.train", "fixed_slots.eval", "fixed_slots.experiments"),
+                            ("fixed_slots.train.checkpoint",)),
+}
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(dotted: str) -> bool:
+    path = ROOT.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def imported_names(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every fixed_slots module `source` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                package = package[:len(package) - (node.level - 1)]
+                base = ".".join(package + ([node.module] if node.module else []))
+            for alias in node.names:
+                # `from pkg import submodule` imports the submodule; `from mod import name`, mod.
+                dotted = f"{base}.{alias.name}"
+                found.add(dotted if alias.name != "*" and _is_module(dotted) else base)
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and _DOTTED.fullmatch(node.value)):
+            found.add(node.value)
+    return {name for name in found if name.startswith("fixed_slots")}
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix.rstrip(".") or name.startswith(prefix.rstrip(".") + ".")
+
+
+def violations(module: str, names: set[str]) -> list[str]:
+    out = []
+    for scope, (forbidden, allowed) in RULES.items():
+        if not _matches(module, scope):
+            continue
+        for name in sorted(names):
+            if _matches(name, scope) and scope != "fixed_slots.fixed_point":
+                continue  # within its own layer
+            if any(_matches(name, a) for a in allowed):
+                continue
+            if any(_matches(name, f) or (f.endswith(".") and name.startswith(f))
+                   for f in forbidden):
+                out.append(f"{module} imports {name} (rule for {scope})")
+    return out
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield module_name(path), path
+
+
+def test_the_scanner_sees_every_kind_of_import():
+    source = """
+import fixed_slots.eval.metrics
+from fixed_slots import visualize, configlib
+from .. import train
+REGISTRY = {"x": ("fixed_slots.experiments.sweep", "Sweep")}
+
+def later():
+    from fixed_slots.eval.evaluate import evaluate
+    import numpy
+"""
+    names = imported_names(source, "fixed_slots.models.slate")
+    assert names == {"fixed_slots.eval.metrics", "fixed_slots.visualize", "fixed_slots.configlib",
+                     "fixed_slots.train", "fixed_slots.experiments.sweep",
+                     "fixed_slots.eval.evaluate"}
+    found = violations("fixed_slots.models.slate", names)
+    assert len(found) == 5, found  # all but configlib
+    # The exceptions and a layer's own modules pass; the fixed-point layer allows only itself.
+    assert violations("fixed_slots.eval.evaluate", {"fixed_slots.train.checkpoint",
+                                                    "fixed_slots.eval.metrics"}) == []
+    assert imported_names("from fixed_slots.train import checkpoint\n"
+                          "from fixed_slots.train.checkpoint import Checkpointer\n",
+                          "fixed_slots.trained") == {"fixed_slots.train.checkpoint"}
+    assert violations("fixed_slots.eval.evaluate", {"fixed_slots.train.optim"})
+    assert violations("fixed_slots.fixed_point.layer", {"fixed_slots.errors"})
+    assert violations("fixed_slots.fixed_point.layer", {"fixed_slots.fixed_point._loop"}) == []
+
+
+def test_the_package_has_the_layers_the_rules_name():
+    names = {name for name, _ in _modules()}
+    for scope in RULES:
+        assert any(_matches(name, scope) for name in names), scope
+
+
+@pytest.mark.parametrize("module,path", list(_modules()), ids=lambda x: str(x))
+def test_data_flows_one_way(module, path):
+    names = imported_names(path.read_text(), module, path.name == "__init__.py")
+    assert violations(module, names) == []
