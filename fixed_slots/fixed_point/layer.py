@@ -389,7 +389,7 @@ def fixed_point_layer(
         _check_probe(probe, batch, batch_axis)
     plan = _Plan(solver, grad, batch_axis, bool(return_best), bool(has_aux), probe is not None)
 
-    def fn(p, z, a, *consts_unused):
+    def fn(p, z, a, *no_consts):  # the one place f's output convention is unpacked
         return split_output(f(p, z, *a), has_aux)
 
     if isinstance(grad, Unroll):
@@ -406,13 +406,9 @@ def fixed_point_layer(
         z_out = z
         info = _info(result, plan)
     else:
-        converted, consts = jax.closure_convert(
-            lambda p, z, a: f(p, z, *a), params, z0, args)
-
-        def fn_converted(p, z, a, *c):
-            return split_output(converted(p, z, a, *c), has_aux)
-
-        z_out, aux, info = _implicit_layer(fn_converted, plan, params, z0, args, tuple(consts),
+        # Closed-over arrays become explicit inputs of the custom rules (and get cotangents).
+        converted, consts = jax.closure_convert(fn, params, z0, args)
+        z_out, aux, info = _implicit_layer(converted, plan, params, z0, args, tuple(consts),
                                            probe)
     if throw:
         _throw_if_not_converged(info, solver.tol)
