@@ -77,7 +77,7 @@ def test_show_config_lists_keys_values_and_choices():
 def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from fixed_slots.train.workdir import "
-         "WorkdirLock; WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+         "WorkdirLock; lock = WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
          str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
