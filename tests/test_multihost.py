@@ -22,6 +22,7 @@ import pytest
 
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.data.sampler import ProcessSliceSampler
+from fixed_slots.errors import ConfigError
 from fixed_slots.train import sharding
 from fixed_slots.train.sharding import DistributedSetupError, distributed_arguments
 from helpers import load_config
@@ -77,6 +78,17 @@ def test_auto_leaves_the_rest_to_jax_cluster_detection():
 def test_incomplete_setups_fail_naming_the_variable(env, names):
     with pytest.raises(DistributedSetupError, match=re.escape(names)):
         distributed_arguments(env)
+
+
+def test_a_batch_that_does_not_split_over_the_devices_names_the_config_keys():
+    mesh = sharding.make_mesh()  # the 8 fake test devices
+    with pytest.raises(ConfigError, match=r"batch of 4 examples .* config.eval.batch_size"):
+        sharding.put_batch({"image": np.zeros((4, 2), np.float32)}, mesh)
+
+
+def test_lockstep_iteration_in_one_process_is_the_plain_iteration():
+    assert list(sharding.in_lockstep(iter([1, 2, 3]))) == [1, 2, 3]
+    assert np.array_equal(sharding.to_host(np.arange(3)), np.arange(3))
 
 
 # --- which examples each process reads -----------------------------------------------------------

@@ -21,6 +21,7 @@ between processes go through gloo.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from typing import Any, Iterable, Iterator, Mapping, TypeVar
@@ -136,6 +137,12 @@ def maybe_initialize_distributed() -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):  # an option a future jax may drop
         pass
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    dropped = sorted(set(args) - set(accepted))
+    if dropped:  # a timeout this jax version does not take: its default applies
+        logging.warning("jax %s's distributed.initialize takes no %s; ignored.",
+                        jax.__version__, dropped)
+    args = {k: v for k, v in args.items() if k in accepted}
     logging.info("Joining a multi-process job: %s", args)
     jax.distributed.initialize(**args)
     logging.info("Process %d of %d; %d local of %d global devices.", jax.process_index(),
@@ -211,6 +218,12 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str
     """
     if os.environ.get(ENV_DEBUG_BATCH_LOG):
         _log_batch(batch, os.environ[ENV_DEBUG_BATCH_LOG])
+    rows, local = len(next(iter(batch.values()))), len(mesh.local_devices)
+    if rows % local:
+        raise ConfigError(
+            f"a batch of {rows * jax.process_count()} examples ({rows} per process) does not "
+            f"split over the {mesh.size} devices ({local} per process): make "
+            f"config.train.batch_size and config.eval.batch_size multiples of {mesh.size}")
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
