@@ -147,21 +147,38 @@ def test_every_model_follows_the_contract(name):
 
 
 def test_jacobian_norm_through_the_models_fixed_point_step():
-    """The power iteration on `model.fixed_point_step` at the slots equals the largest singular
-    value of the dense Jacobian of one slot-attention update (per example)."""
+    """`model.fixed_point_step` is the step the encoder iterates, and the power iteration on it
+    equals the largest singular value of the dense Jacobian of one update (per example)."""
     from fixed_slots.models.common import slot_jacobian_spectral_norm
 
     model, config = make()
     image = synthetic_batch(config, n=2)["image"]
     key = jax.random.key(3)
-    enc = model.encode_slots(image, key)
-    norms = slot_jacobian_spectral_norm(model, enc, key, num_iters=200)
-    f, params, args = model.fixed_point_step(enc.sa_inputs)
-    slots = enc.slots
-    for b in range(2):
-        def update(z, b=b):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def norms_and_jacobians(state):
+        model = nnx.merge(graphdef, state)
+        enc = model.encode_slots(image, key)
+        norms = slot_jacobian_spectral_norm(model, enc, key, num_iters=200)
+        f, params, args = model.fixed_point_step(enc.sa_inputs)
+        slots = enc.slots
+
+        def update(z, b):  # example b's update as a function of its own slots, flattened
             new, _ = f(params, slots.at[b].set(z.reshape(slots.shape[1:])), *args)
             return new[b].ravel()
 
-        jac = jax.jacfwd(update)(slots[b].ravel())
-        np.testing.assert_allclose(norms[b], np.linalg.norm(np.asarray(jac), 2), rtol=1e-3)
+        # The step is the model's own: iterated from the initial slots T + 1 times (neumann1:
+        # T updates, then the one a gradient would go through), it gives the encoding.
+        z = model.encoder.slot_attention.initial_slots(key, image.shape[0])
+        for _ in range(config.slot_attention.num_iterations + 1):
+            z, attention = f(params, z, *args)
+        replayed = (z, attention, enc.slots, enc.attention)
+        return norms, [jax.jacfwd(update)(slots[b].ravel(), b) for b in range(2)], replayed
+
+    norms, jacobians, (z, attention, slots, enc_attention) = norms_and_jacobians(state)
+    np.testing.assert_allclose(z, slots, atol=1e-6)
+    np.testing.assert_allclose(attention, enc_attention, atol=1e-6)
+    for b in range(2):
+        np.testing.assert_allclose(norms[b], np.linalg.norm(np.asarray(jacobians[b]), 2),
+                                   rtol=1e-3)
