@@ -150,12 +150,12 @@ def kernel_events(profile) -> tuple[str, list[tuple[str, int, int]]]:
 
 def host_call_us(profile, function: str = "train_step") -> float | None:
     """Median duration of the jitted step's C++ dispatch events (`PjitFunction(...)`) on the
-    host's python line: the host time of one call, flatten to enqueue."""
+    host plane (the calling thread's line, named after the process): the host time of one call,
+    flatten to enqueue."""
     host = profile.find_plane_with_name("/host:CPU")
     if host is None:
         return None
-    durations = [e.duration_ns for line in host.lines if line.name == "python"
-                 for e in line.events
+    durations = [e.duration_ns for line in host.lines for e in line.events
                  if e.name.startswith("PjitFunction") and function in e.name]
     return float(np.median(durations)) / 1e3 if durations else None
 
