@@ -2,11 +2,14 @@
 
 ```python
 import jax
+import numpy as np
 from fixed_slots import trained
 
 model = trained.load("configs/slate_clevr.py", "/tmp/clevr")  # latest checkpoint's params
-enc = model.encode_slots(images, jax.random.key(0))  # images [B, 96, 96, 3] in [0, 1]
-enc.slots, enc.attention  # [B, 7, 192], [B, 7, 576]
+images = np.random.rand(2, 96, 96, 3).astype(np.float32)  # [B, H, W, 3] in [0, 1]
+enc = model.encode_slots(images, jax.random.key(0))  # a models.protocol.SlotEncoding
+enc.slots.shape, enc.attention.shape  # (2, 7, 192), (2, 7, 576): 7 slots over 24x24 tokens
+recon, tokens = model.decode_slots(enc.slots)  # SLATE: greedy decoding with the KV cache
 ```
 
 Only the params are read from the checkpoint (no optimizer state, no optimizer built), into a
