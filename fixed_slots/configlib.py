@@ -37,11 +37,22 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     c.slot_attention.mlp_hidden_size = 192
     c.slot_attention.num_heads = 1
     c.slot_attention.epsilon = 1e-8
-    # Extra fixed_point_layer options (solver memories, tol, damping, adjoint budget).
-    c.slot_attention.tol = ml_collections.config_dict.placeholder(float)
-    c.slot_attention.damping = 1.0
-    c.slot_attention.broyden_memory = 30
-    c.slot_attention.adjoint_max_iter = ml_collections.config_dict.placeholder(int)
+    # The solver knobs `grad` leaves open, all in one place (fixed_point_layer's string form;
+    # None: the layer's default). `grad` picks solver, gradient and update count; these tune them.
+    fp = c.slot_attention.fixed_point = ml_collections.ConfigDict()
+    fp.tol = ml_collections.config_dict.placeholder(float)  # early exit of the forward solve
+    fp.damping = 1.0  # naive iteration: z <- (1 - d) z + d f(z)
+    fp.anderson_memory = 5
+    fp.broyden_memory = 30
+    # Implicit modes (implicit, IB, BB) only: the adjoint solver (None: the mode's, iterate for
+    # "implicit", broyden for IB/BB; or anderson, gmres), its budget (None: T + 1 evaluations),
+    # tolerance, and what a failed solve does ("fallback": first-order Neumann term for the
+    # failed examples, with a warning; "nan": a non-finite gradient the trainer stops on;
+    # "raise"). The backward solve's residual, steps and failures are logged as metrics.
+    fp.adjoint_solver = ml_collections.config_dict.placeholder(str)
+    fp.adjoint_max_iter = ml_collections.config_dict.placeholder(int)
+    fp.adjoint_tol = ml_collections.config_dict.placeholder(float)
+    fp.adjoint_on_failure = "fallback"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic"
@@ -279,6 +290,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from fixed_slots.data.pipeline import CROP_MODES
     from fixed_slots.data.sources import DATASETS
     from fixed_slots.fixed_point.modes import VALID_GRAD_MODES
+    from fixed_slots.fixed_point import ADJOINT_SOLVERS
+    from fixed_slots.fixed_point.options import ON_FAILURE
     from fixed_slots.models.set_prediction import LAYOUTS
     from fixed_slots.modules.transformer import ATTENTION_IMPLS
     from fixed_slots.train.optim import CLIPS, DECAYS
@@ -293,7 +306,15 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.compute_dtype": COMPUTE_DTYPES,
         "slate.attention_impl": tuple(i for i in ATTENTION_IMPLS if i is not None),
         "set_prediction.layout": ("auto",) + tuple(LAYOUTS),
+        "slot_attention.fixed_point.adjoint_solver": ADJOINT_SOLVERS,
+        "slot_attention.fixed_point.adjoint_on_failure": ON_FAILURE,
     }
+
+
+def fixed_point_options(config: ml_collections.ConfigDict) -> dict:
+    """config.slot_attention.fixed_point without its unset (None) keys: SlotAttention's
+    `fixed_point_options`."""
+    return {k: v for k, v in config.slot_attention.fixed_point.items() if v is not None}
 
 
 def _is_int(v):
@@ -328,10 +349,12 @@ RANGES = {
     "slot_attention.mlp_hidden_size": _POSITIVE_INT,
     "slot_attention.num_heads": _POSITIVE_INT,
     "slot_attention.epsilon": _POSITIVE,
-    "slot_attention.tol": _OPTIONAL_POSITIVE,
-    "slot_attention.damping": _DAMPING,
-    "slot_attention.broyden_memory": _POSITIVE_INT,
-    "slot_attention.adjoint_max_iter": _OPTIONAL_POSITIVE_INT,
+    "slot_attention.fixed_point.tol": _OPTIONAL_POSITIVE,
+    "slot_attention.fixed_point.damping": _DAMPING,
+    "slot_attention.fixed_point.anderson_memory": _POSITIVE_INT,
+    "slot_attention.fixed_point.broyden_memory": _POSITIVE_INT,
+    "slot_attention.fixed_point.adjoint_max_iter": _OPTIONAL_POSITIVE_INT,
+    "slot_attention.fixed_point.adjoint_tol": _OPTIONAL_POSITIVE,
     "data.image_size": _POSITIVE_INT,
     "optim.dvae_lr": _POSITIVE,
     "optim.main_lr": _POSITIVE,
@@ -396,9 +419,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         parse_grad_mode(config.grad)
     except ValueError as e:
         raise ConfigError(f"config.grad: {e}") from None
+    from fixed_slots.modules.slot_attention import fixed_point_mode
+
+    options = fixed_point_options(config)
+    try:
+        mode = fixed_point_mode(config.grad, options)
+        mode.layer_options(config.slot_attention.num_iterations,
+                           **{k: v for k, v in options.items() if k != "adjoint_solver"})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.slot_attention.fixed_point with grad={config.grad!r}: "
+                          f"{e}") from None
     for key, allowed in choices().items():
         present, value = _lookup(config, key)
-        if present and key != "grad" and value not in allowed:
+        if present and key != "grad" and value is not None and value not in allowed:
             bad(key, value, "one of " + ", ".join(repr(a) for a in allowed))
     for key, (ok, expected) in RANGES.items():
         present, value = _lookup(config, key)

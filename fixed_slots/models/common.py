@@ -18,17 +18,14 @@ _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
 
 def slot_attention_from_config(config: ml_collections.ConfigDict, *, input_size: int,
                                rngs: nnx.Rngs) -> SlotAttention:
+    from fixed_slots.configlib import fixed_point_options
+
     sa = config.slot_attention
-    options = {"damping": sa.damping, "broyden_memory": sa.broyden_memory}
-    if sa.tol is not None:
-        options["tol"] = sa.tol
-    if sa.adjoint_max_iter is not None:
-        options["adjoint_max_iter"] = sa.adjoint_max_iter
     return SlotAttention(
         input_size, sa.slot_size, sa.mlp_hidden_size, num_slots=sa.num_slots,
         num_iterations=sa.num_iterations, eval_num_iterations=sa.eval_num_iterations,
         num_heads=sa.num_heads, epsilon=sa.epsilon, grad=config.grad,
-        fixed_point_options=options, rngs=rngs)
+        fixed_point_options=fixed_point_options(config), rngs=rngs)
 
 
 class SlotAttentionEncoder(nnx.Module):

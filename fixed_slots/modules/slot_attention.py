@@ -7,13 +7,20 @@ state with `nnx.split` and hands it to `fixed_point_layer` explicitly, so the gr
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fixed_slots.fixed_point import FixedPointInfo, fixed_point_layer, parse_grad_mode
+from fixed_slots.fixed_point import (
+    ADJOINT_SOLVERS,
+    FixedPointInfo,
+    GradMode,
+    fixed_point_layer,
+    parse_grad_mode,
+)
 
 _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")  # PyTorch kaiming_uniform_(relu)
@@ -100,6 +107,22 @@ class SlotAttentionStep(nnx.Module):
         return new.astype(slots.dtype), attn_vis
 
 
+def fixed_point_mode(grad: str, options: Mapping[str, Any] | None = None) -> GradMode:
+    """The grad mode of a config string, with `options["adjoint_solver"]` (if given) replacing
+    the mode's adjoint solver; only the implicit modes (implicit, IB, BB) solve an adjoint."""
+    mode = parse_grad_mode(grad)
+    adjoint = (options or {}).get("adjoint_solver")
+    if adjoint is None:
+        return mode
+    if mode.grad != "implicit":
+        raise ValueError(f"adjoint_solver={adjoint!r} applies to the modes that solve an adjoint "
+                         f"(implicit, IB, BB), not grad={grad!r}")
+    if adjoint not in ADJOINT_SOLVERS:
+        raise ValueError(f"unknown adjoint_solver {adjoint!r}; valid: "
+                         f"{', '.join(ADJOINT_SOLVERS)}")
+    return dataclasses.replace(mode, adjoint_solver=adjoint)
+
+
 class SlotAttention(nnx.Module):
     """Locatello et al.'s slot attention with learned Gaussian slot initialisation.
 
@@ -107,8 +130,12 @@ class SlotAttention(nnx.Module):
     paper's Table 2 names "IN", "IB", "BN", "BB". `num_iterations` is the paper's T: unroll runs T
     differentiated updates; the implicit modes run T updates without gradient and then their
     differentiated update(s) (T + 1, or T + K for neumannK; see fixed_slots.fixed_point.modes).
-    `fixed_point_options` are extra `fixed_point_layer` keyword arguments (tol, damping,
-    broyden_memory, ...); they may not override what the grad mode sets.
+    `fixed_point_options` are the solver knobs the mode leaves open, in the layer's string form
+    (tol, damping, anderson_memory, broyden_memory, adjoint_max_iter, adjoint_tol,
+    adjoint_on_failure), plus `adjoint_solver` for the implicit modes; they become the layer's
+    solver and gradient objects once, here, and a clash with the mode is a ValueError.
+    `__call__(..., adjoint_probe=z)` with z = zeros [B, 3]: the cotangent of z is the backward
+    solve's (relative residual, steps, failed) per example (implicit modes; zeros otherwise).
     """
 
     def __init__(
@@ -131,12 +158,13 @@ class SlotAttention(nnx.Module):
         self.num_heads = num_heads
         self.num_iterations = num_iterations
         self.eval_num_iterations = eval_num_iterations or num_iterations
-        self.grad_mode = parse_grad_mode(grad)
-        self.fixed_point_options = dict(fixed_point_options or {})
-        clash = sorted(set(self.fixed_point_options) & set(self.grad_mode.layer_kwargs(1)))
-        if clash:
-            raise ValueError(f"fixed_point_options {clash} are set by grad={grad!r}; choose them "
-                             f"through the grad mode instead")
+        self.grad_mode = fixed_point_mode(grad, fixed_point_options)
+        self.fixed_point_options = {k: v for k, v in (fixed_point_options or {}).items()
+                                    if k != "adjoint_solver"}
+        # Built once (validated now, not at trace time); static under jit.
+        self._layer_options = {
+            t: self.grad_mode.layer_options(t, **self.fixed_point_options)
+            for t in {self.num_iterations, self.eval_num_iterations}}
         self.norm_inputs = nnx.LayerNorm(input_size, epsilon=_LN_EPS, rngs=rngs)
         self.project_k = nnx.Linear(input_size, slot_size, use_bias=False, kernel_init=_xavier,
                                     rngs=rngs)
@@ -161,6 +189,7 @@ class SlotAttention(nnx.Module):
         num_slots: int | None = None,
         num_iterations: int | None = None,
         slots_init: jax.Array | None = None,
+        adjoint_probe: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, FixedPointInfo]:
         """inputs [B, N, D_in] -> slots [B, S, D], attention [B, S, N] (sums to 1 over S), info."""
         f, step_state, (k, v) = self.step_function(inputs)
@@ -168,9 +197,11 @@ class SlotAttention(nnx.Module):
             key, inputs.shape[0], num_slots)
         if num_iterations is None:
             num_iterations = self.num_iterations if train else self.eval_num_iterations
+        options = self._layer_options.get(num_iterations) or self.grad_mode.layer_options(
+            num_iterations, **self.fixed_point_options)
         (slots, attn), info = fixed_point_layer(
-            f, step_state, slots0, k, v, batch_axis=0, has_aux=True,
-            **self.grad_mode.layer_kwargs(num_iterations), **self.fixed_point_options)
+            f, step_state, slots0, k, v, batch_axis=0, has_aux=True, probe=adjoint_probe,
+            **options)
         return slots, attn, info
 
     def step_function(self, inputs: jax.Array):
