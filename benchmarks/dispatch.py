@@ -20,7 +20,8 @@ real device work: pure host + dispatch cost; --calls in 5 windows, the median wi
 and, with --busy_steps, the time to enqueue each real train step while the device is still
 running the previous ones (median over the calls after the first: the device is busy, so this
 is the host's own cost). In parentheses: the calling thread's CPU time per call
-(`time.thread_time`), the host work on the critical path whatever else the machine runs.
+(`time.thread_time`), the host work on the critical path whatever else the machine runs. With
+--busy_steps it also prices the trainer loop's per-step metric accumulation.
 
   python benchmarks/dispatch.py --config=configs/slate_clevr.py --batch=4 --busy_steps=4
   python benchmarks/dispatch.py --config=configs/tiny.py --busy_steps=2     # seconds
@@ -132,7 +133,19 @@ def measure(config, variant: str, mesh, batch, calls: int, busy_steps: int, repe
         row["step_ms"] = 1e3 * total / busy_steps
         if not np.isfinite(float(metrics["loss"])):
             raise SystemExit(f"non-finite loss in variant {variant}")
+        row.update(accumulate_us(metrics, repeats))
     return row
+
+
+def accumulate_us(metrics: dict, repeats: int) -> dict[str, float]:
+    """Host cost of summing one step's metrics into a running total, as the trainer loop does
+    every step: one eager jnp.add per metric vs one jitted call for the whole dict."""
+    eager = lambda acc: jax.tree.map(jnp.add, acc, metrics)
+    fused = jax.jit(lambda acc, m: jax.tree.map(jnp.add, acc, m))
+    jax.block_until_ready((eager(metrics), fused(metrics, metrics)))
+    return {"metrics": len(metrics),
+            "accumulate_eager_us": median_us(lambda: eager(metrics), repeats),
+            "accumulate_jit_us": median_us(lambda: fused(metrics, metrics), repeats)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,6 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['unflatten_us']:.0f} | {r['trivial_call_us']:.0f} "
               f"({r['trivial_thread_cpu_us']:.0f}) | {busy} | {ms} |",
               flush=True)
+    for r in rows:
+        if "accumulate_eager_us" in r:
+            print(f"\n{r['variant']}: summing the step's {r['metrics']} metrics into the running "
+                  f"total (the trainer loop, every step): eager jnp.add per metric "
+                  f"{r['accumulate_eager_us']:.0f} us, one jitted call "
+                  f"{r['accumulate_jit_us']:.0f} us")
     out = {"header": header, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
