@@ -11,7 +11,6 @@ drawn with PIL's default font; small tiles are enlarged (pixel repetition) until
 """
 from __future__ import annotations
 
-import colorsys
 import functools
 import math
 import os
@@ -25,14 +24,6 @@ from fixed_slots.models.protocol import Pictures
 # Colour of the separators between tiles (SLATE's grids use a dark grey pad of 0.2).
 PAD_VALUE = 0.2
 
-# Distinct colours for segment ids 1..20 (matplotlib's tab20, reordered so neighbouring ids are
-# far apart); id 0 is the background and drawn black. Ids beyond the table get golden-ratio hues.
-_PALETTE = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
-], np.uint8)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -101,25 +92,6 @@ def mask_overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
     masks = _upsample_masks(masks, height, width)[..., None]  # [..., S, H, W, 1]
     image = image[..., None, :, :, :]  # [..., 1, H, W, 3]
     return image * masks + (1.0 - masks)
-
-
-def segmentation_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Integer ids [..., H, W] -> uint8 colours [..., H, W, 3]; id 0 (background) is black."""
-    ids = np.asarray(ids)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be integers, got {ids.dtype}")
-    if ids.size and ids.min() < 0:
-        raise ValueError("ids must be non-negative")
-    num = int(ids.max()) + 1 if ids.size else 1
-    table = np.zeros((max(num, 1), 3), np.uint8)
-    for i in range(1, num):
-        if i - 1 < len(_PALETTE):
-            table[i] = _PALETTE[i - 1]
-        else:
-            # Golden-ratio hue steps keep further ids distinct from each other.
-            hue = ((i - 1 - len(_PALETTE)) * 0.618033988749895) % 1.0
-            table[i] = np.round(np.array(colorsys.hsv_to_rgb(hue, 0.75, 0.95)) * 255)
-    return table[ids]
 
 
 # Tiles are enlarged to at least this many pixels across so that short titles fit.

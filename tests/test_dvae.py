@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from fixed_slots.modules.dvae import (
-    DVAE, Conv2dBlock, cosine_anneal, gumbel_max, gumbel_softmax, linear_warmup, pixel_shuffle)
+    DVAE, Conv2dBlock, cosine_anneal, gumbel_max, gumbel_softmax, pixel_shuffle)
 
 
 def _num_params(module: nnx.Module) -> int:
@@ -112,25 +112,12 @@ def _official_cosine(step, start_value, final_value, start_step, final_step):
     return a * math.cos(math.pi * progress) + b
 
 
-def _official_warmup(step, start_value, final_value, start_step, final_step):
-    if step < start_step:
-        return start_value
-    if step >= final_step:
-        return final_value
-    progress = (step + 1 - start_step) / (final_step - start_step)
-    return (final_value - start_value) * progress + start_value
-
-
 @pytest.mark.parametrize("step", [0, 1, 100, 7500, 15000, 29999, 30000, 50000])
 def test_schedules_match_official(step):
     args = (1.0, 0.1, 0, 30000)
     assert cosine_anneal(step, *args) == pytest.approx(_official_cosine(step, *args), abs=1e-12)
     traced = jax.jit(lambda s: cosine_anneal(s, *args))(jnp.int32(step))
     assert float(traced) == pytest.approx(_official_cosine(step, *args), abs=1e-6)
-    wargs = (0.0, 1.0, 0, 30000)
-    assert linear_warmup(step, *wargs) == pytest.approx(_official_warmup(step, *wargs), abs=1e-12)
-    traced = jax.jit(lambda s: linear_warmup(s, *wargs))(jnp.int32(step))
-    assert float(traced) == pytest.approx(_official_warmup(step, *wargs), abs=1e-6)
 
 
 def test_schedules_with_offset_start():
@@ -139,5 +126,3 @@ def test_schedules_with_offset_start():
             _official_cosine(step, 2.0, 0.5, 10, 20))
         assert float(cosine_anneal(jnp.asarray(step), 2.0, 0.5, 10, 20)) == pytest.approx(
             _official_cosine(step, 2.0, 0.5, 10, 20), abs=1e-6)
-        assert float(linear_warmup(jnp.asarray(step), 0.5, 2.0, 10, 20)) == pytest.approx(
-            _official_warmup(step, 0.5, 2.0, 10, 20), abs=1e-6)

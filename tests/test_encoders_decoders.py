@@ -88,7 +88,6 @@ def test_token_embedding():
     ids = jnp.array([[0, 3, 4]])
     out = emb(ids)
     assert out.shape == (1, 3, 4)
-    np.testing.assert_array_equal(emb.from_one_hot(jax.nn.one_hot(ids, 5)), out)
 
 
 def test_spatial_broadcast_decoder_clevr_layout():

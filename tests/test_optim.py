@@ -14,6 +14,7 @@ from fixed_slots.train.optim import (
     learning_rates,
     make_optimizer,
     param_labels,
+    schedule,
 )
 
 
@@ -165,3 +166,21 @@ def test_plateau_accumulates_windows():
 def test_unknown_values_raise(key, value):
     with pytest.raises(ValueError, match=f"config.optim.{key}"):
         make_optimizer(optim_config(**{key: value}), params())
+
+
+def _official_warmup(step, start_value, final_value, start_step, final_step):
+    """singhgautam/slate train.py's linear_warmup, transcribed."""
+    if step < start_step:
+        return start_value
+    if step >= final_step:
+        return final_value
+    progress = (step + 1 - start_step) / (final_step - start_step)
+    return (final_value - start_value) * progress + start_value
+
+
+@pytest.mark.parametrize("step", [0, 1, 100, 7500, 15000, 29999, 30000, 50000])
+def test_main_group_warmup_is_the_official_factor_and_dvae_is_never_warmed(step):
+    c = optim_config(warmup_steps=30_000)
+    expected = 1e-4 * _official_warmup(step, 0.0, 1.0, 0, 30_000)
+    assert float(schedule(c, "main")(step)) == pytest.approx(expected, rel=1e-6, abs=1e-15)
+    assert float(schedule(c, "dvae")(step)) == pytest.approx(3e-4)

@@ -124,18 +124,6 @@ def test_slots_grid_with_per_slot_images_and_without_recon():
     assert sp.shape[1] == (1 + s) * (k * w + pad) - pad
 
 
-def test_segmentation_to_rgb():
-    ids = np.array([[0, 1, 2], [3, 30, 1]])
-    rgb = visualize.segmentation_to_rgb(ids)
-    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
-    np.testing.assert_array_equal(rgb[0, 0], [0, 0, 0])  # background is black
-    np.testing.assert_array_equal(rgb[0, 1], rgb[1, 2])  # same id, same colour
-    colours = {tuple(c) for c in visualize.segmentation_to_rgb(np.arange(40)[None])[0]}
-    assert len(colours) == 40  # all ids distinguishable
-    with pytest.raises(ValueError):
-        visualize.segmentation_to_rgb(np.zeros((2, 2), np.float32))
-
-
 def test_slot_deletion_grid():
     rng = np.random.default_rng(2)
     b, s, h, w, pad = 2, 4, 6, 7, 2

@@ -10,7 +10,7 @@ Layer for layer the same as `dvae.py`/`utils.py` of singhgautam/slate, in NHWC:
   (the official code clamps to [0, 1] only for display).
 
 Also the relaxation and schedule helpers of the official code: `gumbel_softmax`, `gumbel_max`,
-`cosine_anneal` (Gumbel temperature) and `linear_warmup` (learning-rate warmup).
+`cosine_anneal` (Gumbel temperature; the learning-rate warmup is in train/optim.py).
 """
 from __future__ import annotations
 
@@ -216,30 +216,5 @@ def cosine_anneal(step: int | jax.Array, start_value: float, final_value: float,
     a = 0.5 * (start_value - final_value)
     b = 0.5 * (start_value + final_value)
     value = a * jnp.cos(jnp.pi * progress) + b
-    value = jnp.where(step < start_step, start_value, value)
-    return jnp.where(step >= final_step, final_value, value)
-
-
-def linear_warmup(step: int | jax.Array, start_value: float, final_value: float,
-                  start_step: int, final_step: int) -> float | jax.Array:
-    """Official SLATE `linear_warmup`: linear from start_value to final_value, counting step + 1.
-
-    Same Python/jnp duality as `cosine_anneal`.
-    """
-    assert start_value <= final_value
-    assert start_step <= final_step
-    if _is_python_number(step):
-        if step < start_step:
-            return float(start_value)
-        if step >= final_step:
-            return float(final_value)
-        a = final_value - start_value
-        b = start_value
-        progress = (step + 1 - start_step) / (final_step - start_step)
-        return a * progress + b
-    step = jnp.asarray(step, jnp.float32)
-    span = max(final_step - start_step, 1)
-    progress = (step + 1 - start_step) / span
-    value = (final_value - start_value) * progress + start_value
     value = jnp.where(step < start_step, start_value, value)
     return jnp.where(step >= final_step, final_value, value)

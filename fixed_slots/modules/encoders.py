@@ -141,7 +141,3 @@ class TokenEmbedding(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Integer ids [B, T] -> embeddings [B, T, D]."""
         return self.embed(ids)
-
-    def from_one_hot(self, one_hot: jax.Array) -> jax.Array:
-        """Official `OneHotDictionary`: argmax of one-hot rows [B, T, N] -> [B, T, D]."""
-        return self.embed(jnp.argmax(one_hot, axis=-1))
