@@ -164,3 +164,19 @@ def test_train_step_compiles_once_and_bf16_loss_tracks_float32():
             histories[dtype].append(float(metrics["loss"]))
         assert train_step._cache_size() == 1  # no recompilation across steps
     np.testing.assert_allclose(histories["bfloat16"], histories["float32"], rtol=0.05)
+
+
+def test_backward_solve_outcome_is_logged_for_implicit_modes_only(tmp_path):
+    """Issue 12: a diverging adjoint must never be invisible. At this initialisation the step's
+    spectral radius exceeds 1 for some examples, so the plain iterative adjoint ("implicit")
+    fails there: the metrics say so (and the fallback keeps the gradient finite)."""
+    implicit = train_and_evaluate(tiny(**{"train.num_steps": 2, "grad": "implicit"}),
+                                  str(tmp_path / "implicit"))
+    for h in implicit:
+        assert {"adjoint_residual", "adjoint_residual_max", "adjoint_steps",
+                "adjoint_failed"} <= set(h)
+        assert h["adjoint_steps"] == 3  # T + 1 evaluations by default (tiny: T = 2)
+        assert 0.0 <= h["adjoint_failed"] <= 1.0 and np.isfinite(h["loss"])
+    assert max(h["adjoint_residual_max"] for h in implicit) > 0
+    plain = train_and_evaluate(tiny(**{"train.num_steps": 1}), str(tmp_path / "neumann1"))
+    assert not [k for k in plain[0] if k.startswith("adjoint")]

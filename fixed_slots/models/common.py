@@ -38,12 +38,13 @@ class SlotAttentionEncoder(nnx.Module):
         self.slot_attention = slot_attention
 
     def __call__(self, inputs: jax.Array, key: jax.Array, *, train: bool = True,
-                 num_iterations: int | None = None
+                 num_iterations: int | None = None, adjoint_probe: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, FixedPointInfo, jax.Array]:
         """inputs [B, N, D] -> (slots [B, S, D_slot], attention [B, S, N], info, SA inputs)."""
         x = self.mlp_out(jax.nn.relu(self.mlp_in(self.norm(inputs))))
         slots, attn, info = self.slot_attention(x, key, train=train,
-                                                num_iterations=num_iterations)
+                                                num_iterations=num_iterations,
+                                                adjoint_probe=adjoint_probe)
         return slots, attn, info, x
 
     def fixed_point_step(self, sa_inputs: jax.Array) -> FixedPointStep:

@@ -66,8 +66,12 @@ class SlotModel(Protocol):
     """What every model in `fixed_slots.models` provides (NNX modules; all methods jittable)."""
 
     def __call__(self, batch: Batch, key: jax.Array, step: jax.Array, *,
-                 train: bool = True) -> ModelOutput:
-        """Training forward pass: loss, scalar metrics and per-example outputs."""
+                 train: bool = True, adjoint_probe: jax.Array | None = None) -> ModelOutput:
+        """Training forward pass: loss, scalar metrics and per-example outputs.
+
+        train=False is evaluation mode (no dropout; the validation loss). `adjoint_probe`, zeros
+        [B, 3], is handed to slot attention: its cotangent under `jax.grad` is the backward
+        solve's (relative residual, steps, failed) per example (fixed_point_layer's probe)."""
 
     def encode_slots(self, image: jax.Array, key: jax.Array, *,
                      num_iterations: int | None = None) -> SlotEncoding:

@@ -120,12 +120,13 @@ class SetPredictor(nnx.Module):
         return jax.nn.sigmoid(self.head_out(jax.nn.relu(self.head_in(slots))))
 
     def __call__(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array, *,
-                 train: bool = True) -> ModelOutput:
+                 train: bool = True, adjoint_probe: jax.Array | None = None) -> ModelOutput:
         del step
         image = batch["image"]  # [B, H, W, 3] in [0, 1]
         self._check_image(image)
         self._check_target(batch["target"])
-        slots, attn, info, _ = self.encoder(to_network_range(image), key, train=train)
+        slots, attn, info, _ = self.encoder(to_network_range(image), key, train=train,
+                                            adjoint_probe=adjoint_probe)
         pred = self.predict(slots)  # [B, S, D]
         target = pad_objects(batch["target"].astype(jnp.float32), self.num_slots)  # [B, S, D]
         loss = jnp.mean(hungarian_huber_per_image(pred, target))

@@ -82,14 +82,16 @@ class Slate(nnx.Module):
         return self.positions(self.dictionary(ids), start, deterministic=not train, rng=rng)
 
     def __call__(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array, *,
-                 train: bool = True) -> ModelOutput:
+                 train: bool = True, adjoint_probe: jax.Array | None = None) -> ModelOutput:
+        """Loss = dVAE MSE + cross-entropy. train=False is the official validation pass: no
+        dropout and hard (one-hot, straight-through) Gumbel samples for the dVAE reconstruction."""
         image = batch["image"]  # [B, H, W, 3]
         self._check_image(image)
         image = image.astype(jnp.float32)
         k_soft, k_hard, k_pos, k_slots, k_dec = jax.random.split(key, 5)
         tau = self.temperature(step)
         log_probs = self.dvae.encode(image)  # [B, h, w, V]
-        z_soft = gumbel_softmax(k_soft, log_probs, tau, self.hard, axis=-1)
+        z_soft = gumbel_softmax(k_soft, log_probs, tau, self.hard or not train, axis=-1)
         recon = self.dvae.decode(z_soft.astype(self.compute_dtype)).astype(jnp.float32)
         mse = jnp.sum((image - recon) ** 2) / image.shape[0]
 
@@ -97,7 +99,8 @@ class Slate(nnx.Module):
         tokens = tokens.reshape(tokens.shape[0], -1).astype(jnp.int32)  # [B, L] row-major
         ids = jnp.concatenate([jnp.full((tokens.shape[0], 1), BOS_ID, jnp.int32), tokens + 1], 1)
         emb = self.embed(ids, train=train, rng=k_pos)  # [B, L + 1, D]
-        slots, attn, info, _ = self.encoder(emb[:, 1:].astype(jnp.float32), k_slots, train=train)
+        slots, attn, info, _ = self.encoder(emb[:, 1:].astype(jnp.float32), k_slots, train=train,
+                                            adjoint_probe=adjoint_probe)
         dec = self.decoder(emb[:, :-1], self.slot_proj(slots), deterministic=not train, rng=k_dec)
         logits = self.head(dec).astype(jnp.float32)  # [B, L, V]
         log_p = jax.nn.log_softmax(logits, axis=-1)

@@ -66,12 +66,13 @@ class CNNSlotEncoder(nnx.Module):
         self.slot_attention = slot_attention
 
     def __call__(self, image: jax.Array, key: jax.Array, *, train: bool = True,
-                 num_iterations: int | None = None
+                 num_iterations: int | None = None, adjoint_probe: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, FixedPointInfo, jax.Array]:
         """-> (slots [B, S, D_slot], attention [B, S, N], info, slot-attention inputs [B, N, D])."""
         x = self.cnn(image).astype(jnp.float32)  # [B, N, D]; the fixed point runs in float32
         slots, attn, info = self.slot_attention(x, key, train=train,
-                                                num_iterations=num_iterations)
+                                                num_iterations=num_iterations,
+                                                adjoint_probe=adjoint_probe)
         return slots, attn, info, x
 
     def infer(self, image: jax.Array, key: jax.Array, *, num_iterations: int | None = None
@@ -138,12 +139,12 @@ class SlotAutoencoder(nnx.Module):
         return recon.astype(jnp.float32), recons.astype(jnp.float32), masks[..., 0]
 
     def __call__(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array, *,
-                 train: bool = True) -> ModelOutput:
+                 train: bool = True, adjoint_probe: jax.Array | None = None) -> ModelOutput:
         del step  # no schedule inside the model
         image = batch["image"]  # [B, H, W, 3] in [0, 1]
         self._check_image(image)
         x = to_network_range(image)
-        slots, attn, info, _ = self.encoder(x, key, train=train)
+        slots, attn, info, _ = self.encoder(x, key, train=train, adjoint_probe=adjoint_probe)
         recon, recons, masks = self._decode(slots)
         loss = jnp.mean(jnp.square(recon - x))  # official l2_loss, images in [-1, 1]
         metrics = {

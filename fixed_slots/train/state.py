@@ -12,7 +12,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from fixed_slots import models
+from fixed_slots import configlib, models
+from fixed_slots.modules.slot_attention import fixed_point_mode
 from fixed_slots.train import sharding
 from fixed_slots.train.optim import make_optimizer
 from fixed_slots.train.train_step import (  # noqa: F401  (re-exported)
@@ -40,7 +41,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bo
     graphdef, params = split_params(model)
     tx = make_optimizer(config.optim, params, flat=flat_optimizer)
     state = sharding.replicate(TrainState.create(params, tx), mesh)
-    step_fn = make_train_step(graphdef, tx, decay=config.optim.decay)
+    mode = fixed_point_mode(config.grad, configlib.fixed_point_options(config))
+    step_fn = make_train_step(graphdef, tx, decay=config.optim.decay,
+                              adjoint_stats=mode.grad in ("implicit", "neumann"))
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                      donate_argnums=(0,) if donate else ())

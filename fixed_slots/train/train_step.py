@@ -79,21 +79,40 @@ def update_args(decay: str, state: TrainState, loss: jax.Array) -> dict[str, jax
     return {}
 
 
+def adjoint_metrics(probe_cotangent: jax.Array) -> dict[str, jax.Array]:
+    """Scalars of the backward solve from the probe's cotangent [B, 3] = (relative residual
+    ||u (I - J) - g|| / ||g||, steps, failed) per example (fixed_point_layer's probe)."""
+    residual, steps, failed = (probe_cotangent[:, i] for i in range(3))
+    return {"adjoint_residual": jnp.mean(residual), "adjoint_residual_max": jnp.max(residual),
+            "adjoint_steps": jnp.mean(steps), "adjoint_failed": jnp.mean(failed)}
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    decay: str = "none") -> Callable:
+                    decay: str = "none", adjoint_stats: bool = False) -> Callable:
     """Builds train_step(state, batch, base_key) for a model split as (graphdef, params).
 
     `decay` is config.optim.decay: it says which extra arguments the optimizer update takes.
+    `adjoint_stats` (grad modes that solve or sum an adjoint: implicit, IB, BB, seriesK): the
+    model gets a zero probe whose cotangent reports the backward solve, logged as the
+    `adjoint_*` metrics, so a diverging adjoint is never invisible.
     """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)  # resumable: the key depends on the step
 
-        def loss_fn(params):
-            out = model_from_params(graphdef, params)(batch, key, state.step, train=True)
+        def loss_fn(params, probe):
+            out = model_from_params(graphdef, params)(batch, key, state.step, train=True,
+                                                      adjoint_probe=probe)
             return out.loss, out.metrics
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if adjoint_stats:
+            probe = jnp.zeros((batch["image"].shape[0], 3), jnp.float32)  # [B, 3]
+            (loss, metrics), (grads, probe_ct) = jax.value_and_grad(
+                loss_fn, argnums=(0, 1), has_aux=True)(state.params, probe)
+            metrics = dict(metrics, **adjoint_metrics(probe_ct))
+        else:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
+                                                                                None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                        **update_args(decay, state, loss))
         grad_norm = global_norm(grads)
