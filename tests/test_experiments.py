@@ -154,3 +154,29 @@ def test_report_table_max_columns_failures_and_versus_plot(tmp_path):
                               str(out / "v.png"))
     with pytest.raises(FileNotFoundError, match="named \\['vanilla_T9'\\]"):
         report.collect(str(root), ("vanilla_T9",))
+
+
+def test_sweep_processes_share_a_sweep_through_run_locks(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    sweep_file = tmp_path / "sweep.py"
+    sweep_file.write_text('BASE = "configs/tiny.py"\n'
+                          'def get_runs():\n'
+                          '    return [("held", {"no_such_key": 1}), ("stale", {"no_such_key": 2})]\n')
+    workdir = tmp_path / "sweep"
+    for name in ("held", "stale"):
+        (workdir / name / "seed_0").mkdir(parents=True)
+    # "held" is locked by a live process (this one); "stale" by one that has exited.
+    (workdir / "held" / "seed_0" / "sweep.lock").write_text(f"{os.getpid()}\n")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (workdir / "stale" / "seed_0" / "sweep.lock").write_text(f"{gone}\n")
+    assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", "--seeds=0"]) == 1
+    out = capsys.readouterr().out
+    assert f"skip (another sweep process is running it): {workdir}/held/seed_0" in out
+    assert not (workdir / "held" / "seed_0" / "train.log").exists()
+    assert (workdir / "held" / "seed_0" / "sweep.lock").exists()  # not ours to remove
+    # The stale lock was taken over: the run ran (and failed on its bad key), lock released.
+    assert (workdir / "stale" / "seed_0" / "failed.txt").exists()
+    assert not (workdir / "stale" / "seed_0" / "sweep.lock").exists()

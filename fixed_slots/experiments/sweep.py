@@ -12,8 +12,10 @@ interrupted sweep resumes. A run that fails (e.g. training stopped by a non-fini
 vanilla slot attention may without gradient clipping) is recorded in failed.txt with its last
 output line, is not evaluated, and the sweep goes on; the report shows it as failed (delete
 failed.txt to try it again). Runs go seed by seed (every run of seed 0, then seed 1, ...): a
-sweep stopped early still compares every run. `--only` keeps the named runs (several sweep
-processes can split a sweep between them). The exit code is 1 when a run failed.
+sweep stopped early still compares every run. `--only` keeps the named runs. Several sweep
+processes can share a sweep: a run being trained or evaluated holds W/<run>/seed_<s>/sweep.lock
+(the process id), and the others skip it (a lock whose process is gone is taken over). The exit
+code is 1 when a run failed.
 """
 from __future__ import annotations
 
@@ -73,6 +75,28 @@ def run_commands(sweep_path: str, workdir: str, seeds: list[int], extra: dict[st
     return commands
 
 
+def _take_lock(path: str) -> bool:
+    """Creates the lock file with this process id; False if a live process holds it."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+                os.kill(pid, 0)  # raises if no such process
+                return False
+            except (ValueError, ProcessLookupError):
+                os.remove(path)  # stale: its sweep process is gone
+                continue
+            except PermissionError:
+                return False  # alive, another user's
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+    return False
+
+
 def _run_logged(argv: list[str], cwd: str, log_path: str) -> tuple[int, str]:
     """Runs argv, copying its output (stdout and stderr) to the console and to log_path.
 
@@ -130,12 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip (failed; delete {failed_path} to retry): {run_dir}", flush=True)
             continue
         os.makedirs(run_dir, exist_ok=True)
-        if not is_eval:
-            with open(os.path.join(run_dir, "command.txt"), "w") as f:
-                f.write(command + "\n")
-        print(f"run: {command}", flush=True)
-        log_path = os.path.join(run_dir, "eval.log" if is_eval else "train.log")
-        returncode, last = _run_logged(argv_, root, log_path)
+        lock = os.path.join(run_dir, "sweep.lock")
+        if not _take_lock(lock):
+            print(f"skip (another sweep process is running it): {run_dir}", flush=True)
+            continue
+        try:
+            if not is_eval:
+                with open(os.path.join(run_dir, "command.txt"), "w") as f:
+                    f.write(command + "\n")
+            print(f"run: {command}", flush=True)
+            log_path = os.path.join(run_dir, "eval.log" if is_eval else "train.log")
+            returncode, last = _run_logged(argv_, root, log_path)
+        finally:
+            os.remove(lock)
         if returncode:
             failures += 1
             with open(failed_path, "w") as f:
