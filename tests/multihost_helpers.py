@@ -20,9 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny config with the summaries that are not under test switched off, a loss every step.
+# The tiny config with the summaries that are not under test switched off, a loss every step,
+# and the libraries' INFO logs on (orbax's save lines, every process's scalars).
 TINY = ["--config=configs/tiny.py", "--config.train.log_every_steps=1",
-        "--config.train.image_every_steps=0", "--config.train.jacobian_every_steps=0"]
+        "--config.train.image_every_steps=0", "--config.train.jacobian_every_steps=0",
+        "--verbosity=0"]
 
 
 def free_port() -> int:

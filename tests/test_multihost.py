@@ -22,7 +22,7 @@ import pytest
 
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.data.sampler import ProcessSliceSampler
-from fixed_slots.errors import ConfigError
+from fixed_slots.errors import ConfigError, DataError
 from fixed_slots.train import sharding
 from fixed_slots.train.sharding import DistributedSetupError, distributed_arguments
 from helpers import load_config
@@ -32,6 +32,7 @@ from multihost_helpers import TINY, Job, run_job
 NUM_TRAIN = 32
 EPOCH_STEPS = NUM_TRAIN // 8
 SMALL = TINY + [f"--config.data.num_train={NUM_TRAIN}"]
+LONGER = "--accept_config_change=train.num_steps"  # a restart that trains further
 JOB_TIMEOUT = 300  # seconds for one job on a busy 2-core machine; a hang fails after this
 
 
@@ -148,6 +149,15 @@ def test_a_saved_position_resumes_every_process_exactly():
         assert sharding.example_fingerprints(next(fresh)["image"]) == after[3][i]
 
 
+def test_resuming_with_another_number_of_processes_is_refused():
+    config = _config()
+    _, loaders = _global_batches(config, 2, 1)
+    four = make_loader(config, "train", global_batch_size=8, shard_index=0, shard_count=4,
+                       seed=0)
+    with pytest.raises(DataError, match="number of hosts"):
+        four.set_state(loaders[0].get_state())
+
+
 def test_finite_streams_give_every_process_the_same_number_of_batches():
     config = _config()
     config.data.num_eval = 20  # 2 complete global batches of 8, 4 records left over
@@ -181,10 +191,16 @@ def jax_env(tmp_path_factory) -> dict[str, str]:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
-def _losses(workdir: Path) -> dict[int, float]:
+def _loss_points(workdir: Path) -> list[tuple[int, float]]:
     from fixed_slots.experiments.events import read_scalars
 
-    return dict(read_scalars(str(workdir))["loss"])
+    return sorted(read_scalars(str(workdir))["loss"])
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    points = _loss_points(workdir)
+    assert len({step for step, _ in points}) == len(points), f"a step written twice: {points}"
+    return dict(points)
 
 
 def _batch_log(prefix: Path, process: int) -> list[list[str]]:
@@ -251,8 +267,9 @@ def test_two_processes_train_like_one_and_resume(tmp_path, jax_env):
         assert logs[0][k] + logs[1][k] == reference_batches[k]
     epoch = [fp for k in range(EPOCH_STEPS) for fp in logs[0][k] + logs[1][k]]
     assert sorted(epoch) == sorted(_epoch_fingerprints(_config()))
-    # Only process 0 writes event files; process 1 logs its scalars instead.
+    # Only process 0 writes event files (one file, each step once); process 1 logs its scalars.
     assert len(list(two.glob("events.out.tfevents.*"))) == 1
+    assert [step for step, _ in _loss_points(two)] == [1, 2, 3, 4]
     assert re.search(r"\] \[4\] .*loss=", job.log(1)) and not re.search(r"\] \[4\] ", job.log(0))
     # Checkpoints: each step once, finalised (no temporary directory), saved by both processes.
     assert _checkpoint_steps(two) == [2, 4]
@@ -262,11 +279,12 @@ def test_two_processes_train_like_one_and_resume(tmp_path, jax_env):
             assert re.search(rf"Finished save in .* @ \S*/checkpoints/{step}\b", job.log(i))
 
     # Restart both processes for 2 more steps: same step, same data position, same losses.
-    job = run_job(2, SMALL + six + [f"--workdir={two}"], log_dir=tmp_path, name="two_resumed",
+    job = run_job(2, SMALL + six + [f"--workdir={two}", LONGER], log_dir=tmp_path,
+                  name="two_resumed",
                   timeout=JOB_TIMEOUT,
                   env=dict(jax_env, FIXED_SLOTS_DEBUG_BATCH_LOG=str(tmp_path / "b_resumed")))
     for i in range(2):
-        assert re.search(r"Resumed from \S+ at step 4\.", job.log(i)), job.tails()
+        assert re.search(r"Resumed from \S+ at step 4\b", job.log(i)), job.tails()
     assert _global_from_logs(tmp_path / "b_resumed", 2, 2) == reference_batches[4:6]
     assert _checkpoint_steps(two) == [2, 4, 6]
     assert len(list(two.glob("events.out.tfevents.*"))) == 2  # one per run, process 0's
@@ -274,7 +292,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, jax_env):
 
     # Evaluation (with autoregressive decoding) of the same checkpoint by 1 and 2 processes.
     evaluation = ["--config=configs/tiny.py", "--mode=eval", "--config.eval.num_batches=2",
-                  f"--workdir={two}"]
+                  f"--config.data.num_train={NUM_TRAIN}", "--verbosity=0", f"--workdir={two}"]
     run_job(1, evaluation, log_dir=tmp_path, name="eval_one", devices_per_process=4,
             timeout=JOB_TIMEOUT, env=jax_env)
     alone = json.loads((two / "eval" / "metrics.json").read_text())
@@ -332,7 +350,7 @@ def test_sigterm_and_kill_of_one_process(tmp_path, jax_env):
 
     job = Job(2, long_run, log_dir=tmp_path, name="kill", env=env).start()
     for i in range(2):
-        job.wait_for(i, rf"Resumed from \S+ at step {stopped}\.", JOB_TIMEOUT)
+        job.wait_for(i, rf"Resumed from \S+ at step {stopped}\b", JOB_TIMEOUT)
     job.wait_for(1, rf"\] \[{stopped + 4}\] .*loss=", JOB_TIMEOUT)
     job.procs[1].kill()
     killed_at = time.monotonic()
@@ -344,10 +362,11 @@ def test_sigterm_and_kill_of_one_process(tmp_path, jax_env):
     # Resume from the last complete checkpoint (an interrupted save is not one).
     last = _checkpoint_steps(workdir)[-1]
     assert last >= stopped
-    job = run_job(2, SMALL + [f"--workdir={workdir}", f"--config.train.num_steps={last + 1}"],
+    job = run_job(2, SMALL + [f"--workdir={workdir}", f"--config.train.num_steps={last + 1}",
+                              LONGER],
                   log_dir=tmp_path, name="resumed", timeout=JOB_TIMEOUT, env=env)
     for i in range(2):
-        assert re.search(rf"Resumed from \S+ at step {last}\.", job.log(i)), job.tails()
+        assert re.search(rf"Resumed from \S+ at step {last}\b", job.log(i)), job.tails()
     assert _checkpoint_steps(workdir)[-1] == last + 1
     assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
     assert np.isfinite(_losses(workdir)[last + 1])

@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fixed_slots import log
 from fixed_slots.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -140,13 +141,13 @@ def maybe_initialize_distributed() -> bool:
     accepted = inspect.signature(jax.distributed.initialize).parameters
     dropped = sorted(set(args) - set(accepted))
     if dropped:  # a timeout this jax version does not take: its default applies
-        logging.warning("jax %s's distributed.initialize takes no %s; ignored.",
-                        jax.__version__, dropped)
+        log.warning("jax %s's distributed.initialize takes no %s; ignored.",
+                    jax.__version__, dropped)
     args = {k: v for k, v in args.items() if k in accepted}
     logging.info("Joining a multi-process job: %s", args)
     jax.distributed.initialize(**args)
-    logging.info("Process %d of %d; %d local of %d global devices.", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info("Process %d of %d; %d local of %d global devices.", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
 
 
@@ -179,9 +180,9 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     mesh = jax.make_mesh((num_devices,), (DATA_AXIS,), devices=jax.devices()[:num_devices],
                          axis_types=(jax.sharding.AxisType.Auto,))
     if jax.process_count() > 1:
-        logging.info("Mesh %s over %d processes: process %d holds devices %s.",
-                     dict(mesh.shape), jax.process_count(), jax.process_index(),
-                     [d.id for d in mesh.local_devices])
+        log.info("Mesh %s over %d processes: process %d holds devices %s.",
+                 dict(mesh.shape), jax.process_count(), jax.process_index(),
+                 [d.id for d in mesh.local_devices])
     return mesh
 
 
