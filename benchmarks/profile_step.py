@@ -106,7 +106,8 @@ def format_counts(counts: dict[str, int], top: int = 8) -> str:
 _DERIVED_LINES = {"Steps", "XLA Modules", "XLA Ops", "XLA TraceMe", "Framework Name Scope",
                   "Framework Ops", "Source code", "Launch Stats", "TensorFlow Name Scope",
                   "TensorFlow Ops", "Async XLA Ops"}
-_CPU_BOOKKEEPING = ("end: ", "ThreadpoolListener", "ThunkExecutor", "ProcessMarker")
+_CPU_BOOKKEEPING = ("end: ", "ThreadpoolListener", "ThunkExecutor", "ProcessMarker",
+                    "SlinkyThreadPool")  # thread-pool waits, not work
 # CPU control-flow thunks enclose their bodies' thunks (which are events of their own).
 _CPU_CONTROL = re.compile(r"^(while|conditional|call)(\.\d+)?$")
 
