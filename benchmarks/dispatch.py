@@ -41,7 +41,7 @@ from flax import nnx
 from fixed_slots import configlib, models
 from fixed_slots.train import sharding
 from fixed_slots.train.optim import FlatGroups, make_optimizer, param_labels
-from fixed_slots.train.train_step import TrainState, make_train_step
+from fixed_slots.train.train_step import TrainState, make_train_step, pure_params
 
 VARIANTS = ("nnx_state", "pure_per_leaf", "pure", "flat_params")
 
@@ -53,7 +53,7 @@ def make_state(config, variant: str, mesh):
     model = models.create(config, rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model, nnx.Param)
     if variant != "nnx_state":
-        params = nnx.to_pure_dict(params)
+        params = pure_params(params)
     tx = make_optimizer(config.optim, params, flat=variant in ("pure", "flat_params"))
     if variant == "flat_params":
         params = FlatGroups(param_labels).ravel(params)

@@ -39,7 +39,7 @@ from flax import nnx
 from fixed_slots import configlib
 from fixed_slots.eval.decode import generate_tokens, generate_tokens_full_recompute
 from fixed_slots.train import sharding
-from fixed_slots.train.state import build
+from fixed_slots.train.state import build, model_from_params, split_params
 
 # Dense bf16 peak FLOP/s used for utilisation (H100 SXM); CPU rows print "n/a".
 PEAK_FLOPS = {"gpu": 989e12, "tpu": 197e12}
@@ -133,7 +133,7 @@ def time_decode(config, batch: int, repeats: int, variants: list[str]) -> dict[s
     from fixed_slots import models
 
     model = models.create(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params = split_params(model)  # plain arrays across jit, as the trainer's state
     slots = jax.random.normal(jax.random.key(0), (batch, config.slot_attention.num_slots,
                                                   config.slot_attention.slot_size))
     algorithms = {"kv_cache": generate_tokens, "full_recompute": generate_tokens_full_recompute}
@@ -141,7 +141,7 @@ def time_decode(config, batch: int, repeats: int, variants: list[str]) -> dict[s
     def decoder(generate):
         @jax.jit
         def run(params, slots):
-            m = nnx.merge(graphdef, params)
+            m = model_from_params(graphdef, params)
             return generate(m.decoder, lambda ids, start: m.embed(ids, start), m.head,
                             m.slot_proj(slots), m.num_tokens, 0, token_id_offset=1)
         return run
