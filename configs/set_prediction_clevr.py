@@ -10,7 +10,8 @@ Build the data first: `python -m data_prep build clevr_with_masks --source=DIR`.
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.set_prediction_base()
     config.grad = "neumann1"
     config.data.name = "clevr_with_masks"
@@ -22,4 +23,4 @@ def get_config():
     config.slot_attention.num_iterations = 3
     config.eval.batch_size = 512
     config.eval.num_batches = 30  # up to 15360 images (the official full evaluation: 15000)
-    return config
+    return configlib.variant(config, variant)

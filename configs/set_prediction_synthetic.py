@@ -8,7 +8,8 @@ layout). AP at the paper's thresholds comes from `main.py --mode=eval`.
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.set_prediction_base()
     config.grad = "neumann1"
 
@@ -38,4 +39,4 @@ def get_config():
     config.train.jacobian_every_steps = 250
     config.train.checkpoint_every_steps = 1_000
     config.eval.batch_size = 64
-    return config
+    return configlib.variant(config, variant)

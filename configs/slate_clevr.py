@@ -9,10 +9,11 @@ Table 2 / Fig. 3b use 64x64: --config.data.image_size=64.
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.slate_base()  # official SLATE hyperparameters, batch 50
     config.data.name = "clevr_mirror"
     config.data.image_size = 96
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7  # the paper's baseline iterations
-    return config
+    return configlib.variant(config, variant)

@@ -8,7 +8,8 @@ Build the data first: python -m data_prep build coco --source=DIR --data_dir=DIR
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.slate_base()
     config.data.name = "coco"
     config.data.image_size = 96
@@ -16,4 +17,4 @@ def get_config():
     config.eval.segmentation_metrics = False  # up to 100 instances: not the papers' metric here
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7
-    return config
+    return configlib.variant(config, variant)

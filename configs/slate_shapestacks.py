@@ -5,10 +5,11 @@ Build the data first: python -m data_prep build shapestacks --source=DIR --data_
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.slate_base()
     config.data.name = "shapestacks"
     config.data.image_size = 96
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7
-    return config
+    return configlib.variant(config, variant)

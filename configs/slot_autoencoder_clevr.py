@@ -12,7 +12,8 @@ Build the data first: `python -m data_prep build clevr_with_masks --source=DIR`.
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.slot_autoencoder_base()
     config.grad = "neumann1"
     config.data.name = "clevr_with_masks"
@@ -26,4 +27,4 @@ def get_config():
     config.train.image_every_steps = 5_000
     config.train.checkpoint_every_steps = 5_000
     config.eval.batch_size = 64
-    return config
+    return configlib.variant(config, variant)

@@ -9,7 +9,8 @@ strides 2, 2 (8 * 4 = 32). Watch the `reconstruction` images (masks) and the
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.slot_autoencoder_base()
     config.grad = "neumann1"
 
@@ -42,4 +43,4 @@ def get_config():
     config.train.jacobian_every_steps = 250
     config.train.checkpoint_every_steps = 1_000
     config.eval.batch_size = 16
-    return config
+    return configlib.variant(config, variant)

@@ -203,6 +203,55 @@ def tiny_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:tiny` variant of any config: the same model, data and gradient mode at test sizes
+    (16x16 images, 16-wide layers, 2 iterations) and a seconds-long schedule (`tiny_run`)."""
+    config = config.copy_and_resolve_references()
+    name = config.model.name
+    config.data.image_size = 16
+    if config.data.name == "synthetic":
+        config.data.num_train = 256
+        config.data.num_eval = 16
+        if "synthetic_style" in config.data:
+            config.data.synthetic_style = "classic"
+        config.data.min_objects, config.data.max_objects = {
+            "slate": (2, 2), "slot_autoencoder": (1, 2), "set_prediction": (1, 3)}[name]
+    sa = config.slot_attention
+    sa.num_slots = 4 if name == "set_prediction" else 3
+    sa.num_iterations = 2
+    sa.eval_num_iterations = None
+    sa.slot_size = sa.mlp_hidden_size = 16
+    sa.num_heads = 1
+    if name == "slate":
+        config.slate.update(vocab_size=16, d_model=16, num_decoder_blocks=1, num_decoder_heads=2,
+                            dvae_hidden=8, tau_steps=10)
+    else:
+        ae = config.autoencoder
+        ae.encoder_channels = (8, 8)
+        ae.kernel_size = 3
+        if name == "slot_autoencoder":
+            ae.encoder_strides = (1, 1)
+            ae.decoder_channels = (8, 8)
+            ae.decoder_strides = (2, 1)
+            ae.broadcast_size = 8  # 8 * 2 * 1 = 16
+        else:
+            ae.encoder_strides = (1, 2)  # an 8x8 feature grid
+            config.set_prediction.mlp_hidden = 16
+    return tiny_run(config)
+
+
+VARIANTS = {"tiny": tiny}
+
+
+def variant(config: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
+    """`config` itself (name None or "") or its named variant (`--config=FILE:NAME`)."""
+    if not name:
+        return config
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown config variant {name!r}; variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name](config)
+
+
 def from_file(path: str, assignments: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """get_config() of a config file (as main.py's --config), with `override` assignments.
 
