@@ -34,6 +34,7 @@ def main(argv):
         from fixed_slots import configlib
 
         print(configlib.describe(config))
+        configlib.validate(config)  # after printing: a bad value is named below the listing
         return
     if not _WORKDIR.value:
         raise cli.UserError(f"--workdir is required for --mode={_MODE.value}")

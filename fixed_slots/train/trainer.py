@@ -235,7 +235,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
     num_steps = config.train.num_steps
     progress = ProgressLine(num_steps, start_step=start_step,
                             every_steps=config.train.log_every_steps,
-                            show=PROGRESS_METRICS)
+                            show=PROGRESS_METRICS, quiet=jax.process_index() > 0)
     diagnostics = _Diagnostics(config, graphdef, mesh)
     stop = _StopFlag(coordinated=jax.process_count() > 1)
     accumulated, count, history = None, 0, []

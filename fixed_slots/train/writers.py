@@ -238,7 +238,8 @@ class ProgressLine:
     def __init__(self, num_steps: int, *, start_step: int = 0, every_steps: int = 100,
                  window: int = 50, stream: TextIO | None = None, min_redraw_seconds: float = 0.5,
                  clock: Callable[[], float] = time.perf_counter,
-                 show: tuple[str, ...] = ("loss",)):
+                 show: tuple[str, ...] = ("loss",), quiet: bool = False):
+        """`quiet`: keep the figures (rate, ETA) but print nothing (other hosts of a job)."""
         self.num_steps = int(num_steps)
         self.every_steps = max(1, int(every_steps))
         self.min_redraw_seconds = min_redraw_seconds
@@ -252,6 +253,7 @@ class ProgressLine:
         self._metrics: dict[str, float] = {}
         self._last_draw = -math.inf
         self._line_open = False
+        self.quiet = quiet
 
     def rate(self) -> float:
         """Steps per second over the recent window (0.0 before two updates)."""
@@ -281,6 +283,8 @@ class ProgressLine:
         if metrics:
             self._metrics.update({k: float(v) for k, v in metrics.items() if k in self.show})
         last = step >= self.num_steps
+        if self.quiet:
+            return None
         if self._tty:
             if not last and now - self._last_draw < self.min_redraw_seconds:
                 return None
