@@ -65,13 +65,17 @@ def test_missing_config_file_and_missing_workdir_flag(tmp_path):
 
 def test_show_config_lists_keys_values_and_choices():
     result = _main(["--config=configs/slate_clevr.py", "--mode=show_config",
-                    "--config.grad=unroll"])
+                    "--config.grad=unroll", "--config.train.num_devices=1"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "grad = 'unroll'" in out and "# one of: unroll, neumann1" in out
     assert "slot_attention.num_iterations = 7" in out
     assert "optim.decay = " in out and "validation_plateau" in out
     assert "model.name = 'slate'" in out and "slot_autoencoder" in out
+    # Validated after the listing: batch 50 over the 8 test devices is named.
+    bad = _main(["--config=configs/slate_clevr.py", "--mode=show_config"])
+    assert bad.returncode == 2 and "grad = 'neumann1'" in bad.stdout
+    assert "config.train.batch_size=50 is invalid" in bad.stderr
 
 
 def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
