@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from fixed_slots import configlib, models
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.train.optim import FlatGroups, make_optimizer, param_labels
 from fixed_slots.train.train_step import TrainState, make_train_step, pure_params
 

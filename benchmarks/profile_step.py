@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from fixed_slots import configlib
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.train.state import build
 
 # HLO instructions that launch nothing (bookkeeping or control flow whose bodies are counted).

@@ -38,7 +38,7 @@ from flax import nnx
 
 from fixed_slots import configlib
 from fixed_slots.eval.decode import generate_tokens, generate_tokens_full_recompute
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.train.state import build, model_from_params, split_params
 
 # Dense bf16 peak FLOP/s used for utilisation (H100 SXM); CPU rows print "n/a".

@@ -28,10 +28,12 @@ RULES = {
                                "fixed_slots.experiments"), ()),
     "fixed_slots.train": (("fixed_slots.eval", "fixed_slots.trained",
                            "fixed_slots.experiments"), ()),
-    # Evaluation reads checkpoints, nothing else of training; the mesh helpers that live in
-    # train/ serve its multi-process path.
-    "fixed_slots.eval": (("fixed_slots.train",),
-                         ("fixed_slots.train.checkpoint", "fixed_slots.train.sharding")),
+    # The mesh and multi-process helpers serve the trainer and evaluation alike.
+    "fixed_slots.sharding": (("fixed_slots.modules", "fixed_slots.models", "fixed_slots.train",
+                              "fixed_slots.eval", "fixed_slots.visualize", "fixed_slots.trained",
+                              "fixed_slots.experiments"), ()),
+    # Evaluation reads checkpoints, nothing else of training.
+    "fixed_slots.eval": (("fixed_slots.train",), ("fixed_slots.train.checkpoint",)),
     "fixed_slots.trained": (("fixed_slots.train", "fixed_slots.eval", "fixed_slots.experiments"),
                             ("fixed_slots.train.checkpoint",)),
 }

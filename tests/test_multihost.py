@@ -23,8 +23,8 @@ import pytest
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.data.sampler import ProcessSliceSampler
 from fixed_slots.errors import ConfigError, DataError
-from fixed_slots.train import sharding
-from fixed_slots.train.sharding import DistributedSetupError, distributed_arguments
+from fixed_slots import sharding
+from fixed_slots.sharding import DistributedSetupError, distributed_arguments
 from helpers import load_config
 from multihost_helpers import TINY, Job, run_job
 

@@ -147,7 +147,7 @@ def test_slate_clevr_config_trains_on_a_built_fake_tree(tmp_path):
 
 def test_train_step_compiles_once_and_bf16_loss_tracks_float32():
     from fixed_slots.data.pipeline import make_loader
-    from fixed_slots.train import sharding
+    from fixed_slots import sharding
     from fixed_slots.train.trainer import build
 
     histories = {}

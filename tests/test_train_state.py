@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.train.optim import learning_rates, make_optimizer, plateau_scale
 from fixed_slots.train.state import (
     TrainState,

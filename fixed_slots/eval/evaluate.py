@@ -26,7 +26,7 @@ from fixed_slots.errors import ConfigError
 from fixed_slots.eval.metrics import PropertyLayout, average_precisions
 from fixed_slots.models import set_prediction
 from fixed_slots.models.protocol import SetPredictions
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.trained import restore_params
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from fixed_slots import configlib, models
 from fixed_slots.modules.slot_attention import fixed_point_mode
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.train.optim import make_optimizer
 from fixed_slots.train.train_step import (  # noqa: F401  (re-exported)
     Params,

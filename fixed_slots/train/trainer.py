@@ -23,7 +23,7 @@ from fixed_slots import configlib, log
 from fixed_slots.errors import ConfigError, WorkdirError
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots import visualize
-from fixed_slots.train import sharding
+from fixed_slots import sharding
 from fixed_slots.train.checkpoint import Checkpointer
 from fixed_slots.train.optim import learning_rates
 from fixed_slots.train.plateau import ValidationPlateau
