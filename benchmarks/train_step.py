@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from fixed_slots import configlib
-from fixed_slots.eval.decode import generate_tokens, generate_tokens_full_recompute
+from fixed_slots.modules.decoding import generate_tokens, generate_tokens_full_recompute
 from fixed_slots import sharding
 from fixed_slots.train.state import build, model_from_params, split_params
 

@@ -37,13 +37,21 @@ def create(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> SlotModel:
     return get(config.model.name)(config, rngs=rngs)
 
 
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
-    """(graphdef, params as a nested dict of arrays) of a model whose variables are all
-    nnx.Param; `nnx.merge(graphdef, params)` rebuilds it."""
-    graphdef, state = nnx.split(model, nnx.Param)
+def pure_params(params: Any) -> Params:
+    """An nnx.State of params -> its nested dict of arrays (a pure dict is returned as is)."""
+    if not isinstance(params, nnx.State):
+        return params
     # nnx.to_pure_dict is the newer spelling (the State method is deprecated in flax 0.12).
     to_pure = getattr(nnx, "to_pure_dict", None)
-    return graphdef, (to_pure(state) if to_pure else state.to_pure_dict())
+    return to_pure(params) if to_pure else params.to_pure_dict()
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+    """(graphdef, params as a nested dict of arrays) of a model whose variables are all
+    nnx.Param; `nnx.merge(graphdef, params)` rebuilds it (inside a traced function: it builds
+    Variables)."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, pure_params(state)
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:

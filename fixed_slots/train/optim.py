@@ -4,10 +4,10 @@ Keys under `config.optim` (see `configlib` for the defaults):
   dvae_lr, main_lr      Adam learning rates of the two groups: params whose path has a component
                         containing "dvae" (case-insensitive) vs everything else.
   use_warmup,           linear warmup of the *main* group only:
-  warmup_steps          lr * min(1, (step + 1) / warmup_steps); the dVAE rate is never warmed up,
-                        as in the official code. The official factor is step / warmup_steps (a
-                        zero-rate first update); we shift it by one step so that no update is
-                        wasted. warmup_steps <= 0 means no warmup.
+  warmup_steps          lr * min(1, (step + 1) / warmup_steps), exactly the official
+                        `linear_warmup` (it counts step + 1, so the first update is not wasted);
+                        the dVAE rate is never warmed up, as in the official code.
+                        warmup_steps <= 0 means no warmup.
   decay                 "none";
                         "exponential": both groups * 0.5 ** (step / decay_half_life) from step 0
                           (Locatello et al.'s decay 0.5 per 100k steps is decay_half_life=100_000);
@@ -16,14 +16,15 @@ Keys under `config.optim` (see `configlib` for the defaults):
                           has not improved (relative tolerance 1e-4, as torch's default) for
                           plateau_patience consecutive windows. Built on
                           optax.contrib.reduce_on_plateau, so `tx.update(..., value=loss)` must be
-                          given the loss at every step. The official code steps torch's
-                          ReduceLROnPlateau on the validation loss once per epoch; note torch
-                          reduces on the (patience + 1)-th bad epoch, optax on the patience-th.
-                        "validation_plateau": both groups' updates multiplied by a scalar
-                          `lr_scale` given at every update (`tx.update(..., lr_scale=x)`; the
-                          train state carries it and a host-side controller lowers it between
-                          steps when the validation loss stalls, as the official SLATE halves
-                          both rates on a validation plateau).
+                          given the loss at every step. An option, not the official rule.
+                        "validation_plateau" (SLATE's default, the official rule): both groups'
+                          updates multiplied by a scalar `lr_scale` given at every update
+                          (`tx.update(..., lr_scale=x)`); the train state carries it and
+                          fixed_slots.train.plateau lowers it between steps: the official
+                          `train.py` keeps its own counter over the per-epoch *validation* loss,
+                          counts an epoch as an improvement only when strictly below the best,
+                          and halves both rates on the 4th epoch in a row without one (not
+                          torch's ReduceLROnPlateau).
   decay_half_life       steps, for "exponential".
   plateau_patience,     windows without improvement before scaling; the scale factor (0.5 = halve).
   plateau_factor

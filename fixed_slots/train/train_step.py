@@ -21,24 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fixed_slots.models import Params, pure_params, split_params  # noqa: F401 (re-exported)
 from fixed_slots.train.optim import global_norm
-
-Params = dict  # nested dict of jax.Array, the module's nnx.Param values (nnx.to_pure_dict)
-
-
-def pure_params(params: Any) -> Params:
-    """An nnx.State of params -> its nested dict of arrays (a pure dict is returned as is)."""
-    if not isinstance(params, nnx.State):
-        return params
-    # nnx.to_pure_dict is the newer spelling (the State method is deprecated in flax 0.12).
-    to_pure = getattr(nnx, "to_pure_dict", None)
-    return to_pure(params) if to_pure else params.to_pure_dict()
-
-
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
-    """(graphdef, params as a pure dict) of a model whose variables are all nnx.Param."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, pure_params(params)
 
 
 def model_from_params(graphdef: nnx.GraphDef, params: Params) -> nnx.Module:
