@@ -8,7 +8,8 @@ reconstructions from slots show the objects by ~4000.
 from fixed_slots import configlib
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
     config = configlib.slate_base()
     config.grad = "neumann1"
 
@@ -41,4 +42,4 @@ def get_config():
     config.train.jacobian_every_steps = 250
     config.train.checkpoint_every_steps = 500
     config.eval.batch_size = 32
-    return config
+    return configlib.variant(config, variant)
