@@ -1,6 +1,6 @@
 """fixed_slots: implicit slot attention (fixed points + implicit differentiation) in JAX/Flax.
 
-    pip install fixed_slots            # the fixed_point_layer alone: jax and numpy
+    pip install .                      # the fixed_point_layer alone: jax and numpy
     pip install -e ".[train]"          # + the models, data pipeline and trainer
     pip install -e ".[dev]"            # + the test tools (what the README's quick start uses)
 """
