@@ -78,7 +78,7 @@ def test_public_surface_is_exactly_the_documented_list():
 
 
 def test_the_layer_works_without_the_training_stack():
-    """What the light install (`pip install fixed_slots`, .ci/run) relies on, in a subprocess:
+    """What the light install (`pip install .`, checked by .ci/run) relies on, in a subprocess:
     the training stack made unimportable, the layer still solves and differentiates."""
     code = textwrap.dedent("""
         import sys
