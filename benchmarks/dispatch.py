@@ -24,7 +24,7 @@ is the host's own cost). In parentheses: the calling thread's CPU time per call
 --busy_steps it also prices the trainer loop's per-step metric accumulation.
 
   python benchmarks/dispatch.py --config=configs/slate_clevr.py --batch=4 --busy_steps=4
-  python benchmarks/dispatch.py --config=configs/tiny.py --busy_steps=2     # seconds
+  python benchmarks/dispatch.py --config=configs/default.py:tiny --busy_steps=2     # seconds
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def suite_config(a: argparse.Namespace):
 
     config_path, base_set = a.config, list(a.set)
     if a.dry_run:
-        config_path, base_set = "configs/tiny.py", ["slate.dvae_hidden=64"] + base_set
+        config_path, base_set = "configs/default.py:tiny", ["slate.dvae_hidden=64"] + base_set
     config = configlib.from_file(config_path, base_set)
     config.train.num_devices = 1  # one GPU; the scripts time one device too
     configlib.validate(config)

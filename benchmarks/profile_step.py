@@ -15,7 +15,7 @@ dots) on the host plane's XLA client threads, and busy time is when at least one
 The output says which it read.
 
   python benchmarks/profile_step.py --config=configs/slate_clevr.py --steps=10    # GPU
-  python benchmarks/profile_step.py --config=configs/tiny.py --steps=3            # CPU, seconds
+  python benchmarks/profile_step.py --config=configs/default.py:tiny --steps=3            # CPU, seconds
   python benchmarks/profile_step.py --config=configs/slate_clevr.py --hlo_only    # counts only
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ harnesses.
   # the paper's setting (configs/slate_clevr.py: 96x96, batch 50, 7 slots, T=7) on the GPU:
   python benchmarks/side_by_side.py --slate_dir=build/official_slate --decode
   # minutes on a CPU (tiny shapes):
-  python benchmarks/side_by_side.py --slate_dir=build/official_slate --config=configs/tiny.py \\
+  python benchmarks/side_by_side.py --slate_dir=build/official_slate --config=configs/default.py:tiny \\
       --set=slate.dvae_hidden=64 --steps=3 --device=cpu --decode
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ the rows as JSON (what `side_by_side.py` reads).
   # the paper's CLEVR-Mirror setting (96x96, batch 50, 7 iterations) on a GPU:
   python benchmarks/train_step.py --config=configs/slate_clevr.py --iters=1,3,7,15
   # seconds on a CPU (tiny shapes), so the script cannot rot:
-  python benchmarks/train_step.py --config=configs/tiny.py --iters=1,3 --steps=3
+  python benchmarks/train_step.py --config=configs/default.py:tiny --iters=1,3 --steps=3
 """
 from __future__ import annotations
 

@@ -7,8 +7,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
-    """configs/<name>.py -> its get_config() (unlocked, as tests override freely)."""
-    return configlib.from_file(str(ROOT / "configs" / f"{name}.py"))
+    """configs/<name>.py -> its get_config() (unlocked, as tests override freely); "name:variant"
+    (e.g. "default:tiny") -> get_config("variant"), as main.py's --config=FILE:VARIANT."""
+    name, sep, variant = name.partition(":")
+    return configlib.from_file(str(ROOT / "configs" / f"{name}.py") + sep + variant)
 
 
 def adam_losses(model, batch, steps: int = 25, learning_rate: float = 3e-3) -> list[float]:

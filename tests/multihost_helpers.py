@@ -1,6 +1,6 @@
 """Launching real multi-process jobs of `main.py` on localhost (CPU, gloo) for the tests.
 
-    job = Job(2, ["--config=configs/tiny.py", f"--workdir={w}"], log_dir=tmp_path)
+    job = Job(2, ["--config=configs/default.py:tiny", f"--workdir={w}"], log_dir=tmp_path)
     job.start(); codes = job.wait(timeout=240)     # a hang kills every process and fails
 
 Each process gets `devices_per_process` fake CPU devices and the FIXED_SLOTS_* variables a real
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny config with the summaries that are not under test switched off, a loss every step,
 # and the libraries' INFO logs on (orbax's save lines, every process's scalars).
-TINY = ["--config=configs/tiny.py", "--config.train.log_every_steps=1",
+TINY = ["--config=configs/default.py:tiny", "--config.train.log_every_steps=1",
         "--config.train.image_every_steps=0", "--config.train.jacobian_every_steps=0",
         "--verbosity=0"]
 

@@ -27,7 +27,7 @@ def test_fixed_point_memory_benchmark_runs():
 
 
 def test_train_step_benchmark_runs():
-    out = run(["benchmarks/train_step.py", "--config=configs/tiny.py", "--iters=1",
+    out = run(["benchmarks/train_step.py", "--config=configs/default.py:tiny", "--iters=1",
                "--grads=neumann1", "--steps=1", "--decode_repeats=1"])
     assert "| neumann1 | 1 |" in out and "| KV cache |" in out
 
@@ -42,7 +42,7 @@ def _load(name):
 
 def test_train_step_benchmark_json_rows_and_isolation(tmp_path):
     path = tmp_path / "figures.json"
-    run(["benchmarks/train_step.py", "--config=configs/tiny.py", "--iters=2", "--grads=unroll",
+    run(["benchmarks/train_step.py", "--config=configs/default.py:tiny", "--iters=2", "--grads=unroll",
          "--steps=1", "--warmup=1", "--decode_repeats=1", "--decode_batch=3",
          "--decode_variants=kv_cache", "--loop_steps=4", f"--json={path}"])
     figures = json.loads(path.read_text())
@@ -100,7 +100,7 @@ def test_side_by_side_table_ratios():
 
 def test_mixed_precision_benchmark_runs(tmp_path):
     path, plot = tmp_path / "curves.json", tmp_path / "curves.png"
-    out = run(["benchmarks/mixed_precision.py", "--config=configs/tiny.py", "--steps=4",
+    out = run(["benchmarks/mixed_precision.py", "--config=configs/default.py:tiny", "--steps=4",
                "--log_every=2", "--noise_floor", f"--json={path}", f"--plot={plot}"])
     figures = json.loads(path.read_text())
     rows = figures["rows"]
@@ -115,7 +115,7 @@ def test_mixed_precision_benchmark_runs(tmp_path):
 
 def test_train_step_benchmark_reports_blocking_and_pipelined(tmp_path):
     path = tmp_path / "rows.json"
-    out = run(["benchmarks/train_step.py", "--config=configs/tiny.py", "--iters=1",
+    out = run(["benchmarks/train_step.py", "--config=configs/default.py:tiny", "--iters=1",
                "--grads=neumann1", "--steps=2", "--warmup=1", "--decode_repeats=0",
                "--no-isolate", f"--json={path}"])
     (row,) = json.loads(path.read_text())["rows"]
@@ -125,7 +125,7 @@ def test_train_step_benchmark_reports_blocking_and_pipelined(tmp_path):
 
 def test_dispatch_benchmark_compares_state_layouts(tmp_path):
     path = tmp_path / "dispatch.json"
-    out = run(["benchmarks/dispatch.py", "--config=configs/tiny.py", "--calls=10",
+    out = run(["benchmarks/dispatch.py", "--config=configs/default.py:tiny", "--calls=10",
                "--repeats=10", "--variants=nnx_state,pure,flat_params", f"--json={path}"])
     rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
     assert "| pure |" in out and "| nnx_state |" in out
@@ -186,7 +186,7 @@ def test_flat_optimizer_compiles_to_fewer_ops_than_the_per_leaf_one():
 
 def test_profile_step_reads_its_trace_on_the_cpu(tmp_path):
     path = tmp_path / "profile.json"
-    out = run(["benchmarks/profile_step.py", "--config=configs/tiny.py", "--steps=2",
+    out = run(["benchmarks/profile_step.py", "--config=configs/default.py:tiny", "--steps=2",
                "--warmup=1", "--top=5", f"--json={path}"])
     figures = json.loads(path.read_text())
     trace = figures["trace"]

@@ -15,7 +15,7 @@ from fixed_slots.errors import WorkdirError
 from fixed_slots.train import workdir as workdir_lib
 from helpers import ROOT, load_config
 
-TINY = ["--config=configs/tiny.py", "--config.train.image_every_steps=0",
+TINY = ["--config=configs/default.py:tiny", "--config.train.image_every_steps=0",
         "--config.train.jacobian_every_steps=0"]
 
 
@@ -99,7 +99,7 @@ def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
 
 
 def test_config_differences_free_accepted_and_refused_keys():
-    base = workdir_lib.config_record(load_config("tiny"))
+    base = workdir_lib.config_record(load_config("default:tiny"))
     changed = dict(base, **{"grad": "unroll", "train.num_steps": 9, "eval.batch_size": 4,
                             "train.log_every_steps": 7, "slot_attention.num_slots": 5})
     changed["new.key.from.a.later.version"] = 1

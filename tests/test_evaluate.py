@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 def tiny():
-    config = load_config("tiny")
+    config = load_config("default:tiny")
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
     config.train.num_steps = 2

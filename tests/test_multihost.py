@@ -95,7 +95,7 @@ def test_lockstep_iteration_in_one_process_is_the_plain_iteration():
 # --- which examples each process reads -----------------------------------------------------------
 
 def _config():
-    config = load_config("tiny")
+    config = load_config("default:tiny")
     config.data.num_train = NUM_TRAIN
     return config
 
@@ -291,7 +291,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, jax_env):
     _assert_close(_losses(two), reference_losses, 1e-5, "loss curve, 2 processes vs 1")
 
     # Evaluation (with autoregressive decoding) of the same checkpoint by 1 and 2 processes.
-    evaluation = ["--config=configs/tiny.py", "--mode=eval", "--config.eval.num_batches=2",
+    evaluation = ["--config=configs/default.py:tiny", "--mode=eval", "--config.eval.num_batches=2",
                   f"--config.data.num_train={NUM_TRAIN}", "--verbosity=0", f"--workdir={two}"]
     run_job(1, evaluation, log_dir=tmp_path, name="eval_one", devices_per_process=4,
             timeout=JOB_TIMEOUT, env=jax_env)

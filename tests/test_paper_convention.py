@@ -181,7 +181,7 @@ def test_series_and_implicit_adjoints_at_z_T_against_dense_references(grad):
 @pytest.mark.parametrize("grad", ["neumann1", "unroll", "neumann2"])
 def test_full_slate_loss_matches_plain_loop_reference(grad, monkeypatch):
     """SLATE's whole loss and every parameter gradient with slot attention replaced by the loop."""
-    config = load_config("tiny")
+    config = load_config("default:tiny")
     config.grad = grad
     model = models.create(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -196,7 +196,7 @@ def test_full_slate_loss_matches_plain_loop_reference(grad, monkeypatch):
     (ours, _), grads = jax.value_and_grad(loss, has_aux=True)(params)
 
     def reference_call(self, inputs, key, *, train=True, num_slots=None, num_iterations=None,
-                       slots_init=None):
+                       slots_init=None, adjoint_probe=None):
         slots0 = self.initial_slots(key, inputs.shape[0], num_slots)
         slots, attn = reference_slots(self, inputs, slots0, grad, T_cfg)
         zero = jnp.zeros((inputs.shape[0],))  # SLATE logs info.final_residual as a metric

@@ -16,7 +16,7 @@ from helpers import adam_losses, load_config, synthetic_scenes
 
 
 def make(grad="neumann1"):
-    config = load_config("tiny_set_prediction")
+    config = load_config("set_prediction_synthetic:tiny")
     config.grad = grad
     return models.create(config, rngs=nnx.Rngs(0)), config
 
@@ -112,7 +112,7 @@ def test_layouts_and_clear_errors():
     clevr = PropertyLayout.from_target_layout(CLEVR_TARGET_LAYOUT)
     assert clevr.position_dims == 3 and clevr.dim == CLEVR_TARGET_LAYOUT.dim - 1
     assert [n for n, _ in clevr.categorical_groups] == ["shape", "color", "size", "material"]
-    auto = load_config("tiny_set_prediction")
+    auto = load_config("set_prediction_synthetic:tiny")
     auto.set_prediction.layout = "auto"
     assert set_prediction.layout_name(auto) == "synthetic"
     auto.data.name = "clevr_with_masks"
@@ -120,7 +120,7 @@ def test_layouts_and_clear_errors():
     config.set_prediction.layout = "clevr"
     with pytest.raises(ValueError, match="does not match config.data.name='synthetic'"):
         models.create(config, rngs=nnx.Rngs(0))
-    batch = synthetic_batch(load_config("tiny_set_prediction"))
+    batch = synthetic_batch(load_config("set_prediction_synthetic:tiny"))
     with pytest.raises(ValueError, match=r"expects images \[batch, 16, 16, 3\]"):
         model(dict(batch, image=jnp.zeros((4, 32, 32, 3))), jax.random.key(0), jnp.int32(0))
     with pytest.raises(ValueError, match=r"batch\['target'\] \[batch, objects, 18\]"):
@@ -130,7 +130,7 @@ def test_layouts_and_clear_errors():
 
 
 @pytest.mark.parametrize("name", ["set_prediction_synthetic", "set_prediction_clevr",
-                                  "tiny_set_prediction"])
+                                  "set_prediction_synthetic:tiny"])
 def test_configs_validate_and_build(name):
     config = load_config(name)
     configlib.validate(config)

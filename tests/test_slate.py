@@ -12,7 +12,7 @@ GRAD_MODES = ["unroll", "neumann1", "neumann2", "implicit", "IN", "IB", "BN", "B
 
 
 def make(grad="neumann1"):
-    config = load_config("tiny")
+    config = load_config("default:tiny")
     config.grad = grad
     return models.create(config, rngs=nnx.Rngs(0)), config
 

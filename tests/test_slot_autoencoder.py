@@ -12,7 +12,7 @@ GRAD_MODES = ["unroll", "neumann1", "implicit", "BB"]
 
 
 def make(grad="neumann1"):
-    config = load_config("tiny_autoencoder")
+    config = load_config("slot_autoencoder_synthetic:tiny")
     config.grad = grad
     return models.create(config, rngs=nnx.Rngs(0)), config
 
@@ -100,7 +100,7 @@ def test_bad_image_size_and_decoder_config_are_clear_errors():
 
 
 @pytest.mark.parametrize("name", ["slot_autoencoder_synthetic", "slot_autoencoder_clevr",
-                                  "tiny_autoencoder"])
+                                  "slot_autoencoder_synthetic:tiny"])
 def test_configs_validate_and_build(name):
     config = load_config(name)
     configlib.validate(config)
@@ -113,7 +113,8 @@ def test_configs_validate_and_build(name):
         assert config.data.name == "clevr_with_masks"
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_autoencoder", "tiny_set_prediction"])
+@pytest.mark.parametrize("name", ["default:tiny", "slot_autoencoder_synthetic:tiny",
+                                  "set_prediction_synthetic:tiny"])
 def test_every_model_follows_the_contract(name):
     from fixed_slots.fixed_point import FixedPointInfo
     from fixed_slots.models.common import slot_jacobian_spectral_norm
@@ -133,17 +134,17 @@ def test_every_model_follows_the_contract(name):
     enc = run(lambda m: m.encode_slots(image, key))
     assert isinstance(enc, SlotEncoding) and isinstance(enc.info, FixedPointInfo)
     assert enc.slots.shape == (2, s, config.slot_attention.slot_size)
-    assert (enc.tokens is not None) == (name == "tiny")
+    assert (enc.tokens is not None) == (name == "default:tiny")
     assert run(lambda m: slot_jacobian_spectral_norm(m, m.encode_slots(image, key), key)
                ).shape == (2,)
     assert isinstance(run(lambda m: m.visualize({"image": image}, key, jnp.int32(0))), Pictures)
     batch = {"image": image}
-    if name == "tiny_set_prediction":
+    if name == "set_prediction_synthetic:tiny":
         batch["target"] = jnp.zeros((2, s, model.layout.dim))
     assert isinstance(run(lambda m: m.evaluate_batch(batch, key)), EvalBatch)
     pictures = run(lambda m: m.evaluation_pictures(batch, key))
     assert pictures.masks.shape == (2, s, h, h)
-    assert (pictures.slot_deletion is None) == (name == "tiny_set_prediction")
+    assert (pictures.slot_deletion is None) == (name == "set_prediction_synthetic:tiny")
 
 
 def test_jacobian_norm_through_the_models_fixed_point_step():

@@ -16,7 +16,7 @@ from helpers import ROOT, load_config
 
 
 def tiny(**overrides):
-    config = load_config("tiny")
+    config = load_config("default:tiny")
     config.train.log_every_steps = 1
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
@@ -88,7 +88,7 @@ def _run_main(args, **kw):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+        [sys.executable, "main.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
          "--config.train.num_steps=100000", "--config.train.checkpoint_every_steps=100000",
          "--config.train.log_every_steps=1", "--config.train.image_every_steps=0",
          "--config.train.jacobian_every_steps=0"],
@@ -132,7 +132,7 @@ def test_slate_clevr_config_trains_on_a_built_fake_tree(tmp_path):
     data_dir = tmp_path / "tfds"
     assert cli.main(["build", "clevr_mirror", f"--source={source}", f"--data_dir={data_dir}"]) == 0
     config = load_config("slate_clevr")
-    small = load_config("tiny")
+    small = load_config("default:tiny")
     config.slate = small.slate
     config.slot_attention = small.slot_attention
     config.data.image_size = 16

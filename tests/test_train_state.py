@@ -21,7 +21,7 @@ from helpers import load_config
 
 
 def tiny_config(**optim):
-    config = load_config("tiny")
+    config = load_config("default:tiny")
     config.train.num_devices = 1
     config.optim.update(optim)
     return config
@@ -65,7 +65,8 @@ def test_state_crossing_jit_is_plain_arrays_and_lr_scale_scales_both_groups():
     jax.tree.map(np.testing.assert_array_equal, frozen.params, state.params)
     assert int(frozen.step) == 1 and float(frozen.lr_scale) == 0.0  # carried, not reset
     rates = learning_rates(config.optim, 0, lr_scale=half.lr_scale)
-    assert rates == pytest.approx({"dvae": 3e-4 * 0.5, "main": 1e-4 * 0.5})
+    assert rates == pytest.approx({"dvae": config.optim.dvae_lr * 0.5,
+                                   "main": config.optim.main_lr * 0.5})
     tx = make_optimizer(config.optim, state.params)
     with pytest.raises(TypeError, match="lr_scale"):
         tx.update(state.params, tx.init(state.params), state.params)
