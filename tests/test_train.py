@@ -180,3 +180,17 @@ def test_backward_solve_outcome_is_logged_for_implicit_modes_only(tmp_path):
     assert max(h["adjoint_residual_max"] for h in implicit) > 0
     plain = train_and_evaluate(tiny(**{"train.num_steps": 1}), str(tmp_path / "neumann1"))
     assert not [k for k in plain[0] if k.startswith("adjoint")]
+
+
+def test_resuming_a_model_of_other_shapes_says_so_and_keeps_the_checkpoints(tmp_path):
+    """A deliberate but shape-changing config change: the advice is about the config, not
+    corruption, and nothing is renamed."""
+    from fixed_slots.train.checkpoint import CheckpointRestoreError
+
+    train_and_evaluate(tiny(**{"train.num_steps": 1}), str(tmp_path))
+    wider = tiny(**{"train.num_steps": 2, "slot_attention.slot_size": 32})
+    with pytest.raises(CheckpointRestoreError, match="hold a model of other shapes") as e:
+        train_and_evaluate(wider, str(tmp_path),
+                           accept_config_change=["slot_attention.slot_size", "train.num_steps"])
+    assert "Nothing was renamed or deleted" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]

@@ -45,12 +45,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fixed_slots.errors import WorkdirError
+
 _FORMAT = 1
 _STATE, _META = "state", "meta"
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(WorkdirError):
     """Checkpoints exist in the directory but none of them could be restored."""
+
+
+# What orbax says when the saved arrays or tree do not fit the model being restored into.
+_SHAPE_MISMATCH = re.compile(r"not compatible with the stored shape|tree structures? (do|does) not "
+                             r"match|[Ss]hape mismatch|structure mismatch")
+
+
+def _restore_advice(directory: str, failed: list[tuple[int, BaseException]]) -> str:
+    if all(_SHAPE_MISMATCH.search(str(error)) for _, error in failed):
+        return (f"The checkpoints in {directory} hold a model of other shapes than this config "
+                f"builds (a changed model config, or another fixed_slots version): train in a "
+                f"new --workdir, or resume with the config they were trained with. Nothing was "
+                f"renamed or deleted.")
+    return (f"Nothing was renamed or deleted. If they are corrupt, move the directory aside to "
+            f"start from scratch; otherwise fix the cause.")
 
 
 class FingerprintMismatchError(ValueError):
@@ -278,11 +295,10 @@ class Checkpointer:
                                 "were renamed to <step>.corrupt.", step, self.directory,
                                 [s for s, _ in failed])
             return result
-        details = "\n  ".join(f"step {s}: {_short(e)}" for s, e in failed)
+        details = "\n  ".join(f"step {s}: {_short(e, 240)}" for s, e in failed)
         raise CheckpointRestoreError(
-            f"{len(failed)} checkpoint(s) exist in {self.directory} but none could be restored "
-            f"(nothing was renamed or deleted). Move the directory aside to start from scratch, "
-            f"or fix the cause:\n  {details}")
+            f"{len(failed)} checkpoint(s) exist in {self.directory} but none could be "
+            f"restored:\n  {details}\n{_restore_advice(self.directory, failed)}")
 
     def read_metadata(self, step: int | None = None) -> dict:
         """The `metadata` dict saved with `step` (default: the latest step)."""
@@ -403,9 +419,9 @@ def restore_params(directory: str, target: Any, *, step: int | None = None
                 failed.append((candidate, error))
                 logging.warning("Checkpoint at step %d in %s could not be restored (%s); trying "
                                 "the previous checkpoint.", candidate, directory, _short(error))
-        details = "\n  ".join(f"step {s}: {_short(e)}" for s, e in failed)
+        details = "\n  ".join(f"step {s}: {_short(e, 240)}" for s, e in failed)
         raise CheckpointRestoreError(
             f"{len(failed)} checkpoint(s) exist in {directory} but none could be restored:"
-            f"\n  {details}")
+            f"\n  {details}\n{_restore_advice(directory, failed)}")
     finally:
         manager.close()

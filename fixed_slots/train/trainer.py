@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from fixed_slots import configlib, log
-from fixed_slots.errors import ConfigError, WorkdirError
+from fixed_slots.errors import ConfigError, UserError, WorkdirError
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots import visualize
 from fixed_slots import sharding
@@ -42,8 +42,9 @@ from fixed_slots.train.writers import ProgressLine, create_writer
 PROGRESS_METRICS = ("loss", "cross_entropy", "fg_ari")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a step produced a non-finite loss or gradient; names the step."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Raised when a step produced a non-finite loss or gradient; names the step (a run's
+    outcome, usually of its hyperparameters: printed without a traceback)."""
 
 
 def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -204,8 +205,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
 
     ckpt_dir = f"{workdir}/checkpoints"
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=config.train.max_checkpoints_to_keep)
-    changes = _check_resume_config(checkpointer, config_flat, workdir, accept_config_change)
-    restored = checkpointer.restore_latest({"state": state})
+    try:
+        changes = _check_resume_config(checkpointer, config_flat, workdir, accept_config_change)
+        restored = checkpointer.restore_latest({"state": state})
+    except BaseException:
+        # Closed here, or orbax's background threads die noisily at interpreter exit.
+        checkpointer.close()
+        raise
     data_state = None
     if restored is not None:
         step0, tree, base_key, data_state = restored
