@@ -292,3 +292,14 @@ def test_config_data_synthetic_style_reaches_the_source():
     data.synthetic_style = "blobs"
     with pytest.raises(ConfigError, match="synthetic_style='blobs'.*'classic', 'large', 'crowded'"):
         get_source(data, "train")
+
+
+def test_distinct_colours_style_never_repeats_a_colour():
+    assert SCENE_STYLES["large"].distinct_colors
+    for index in range(50):
+        s = generate_scene(index, seed=4, image_size=32, min_objects=3, max_objects=8,
+                           style="large")
+        colours = s["color"][: int(s["num_objects"])]
+        assert len(set(colours.tolist())) == len(colours)
+    with pytest.raises(ValueError, match="max_objects=9 exceeds the 8 colours"):
+        SyntheticScenes(4, seed=0, max_objects=9, style="large")

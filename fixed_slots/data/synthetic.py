@@ -22,8 +22,9 @@ jitter, rotation); `SCENE_STYLES` names the presets that `config.data.synthetic_
 
     classic   the original scenes: small and large objects, partial overlaps, muted uniform or
               gradient backgrounds
-    large     objects 1.5-2x larger and barely overlapping on uniform backgrounds: at 32x32 every
-              object covers several 4x4 dVAE tokens (the README's default run)
+    large     objects about twice as large, barely overlapping, each of its own colour, on uniform
+              backgrounds: at 32x32 an object spans 2-4 dVAE tokens (4x4 pixels each) across (the
+              README's default run)
     crowded   many objects with heavy occlusion, rotated shapes and jittered colours (the CPU study
               of the paper's effects, configs/study_synthetic.py)
 
@@ -85,6 +86,8 @@ class SceneStyle:
     color_jitter: each object's RGB is offset by a uniform draw in [-color_jitter, color_jitter]
       per channel (0-255 scale), clipped to [0, 255].
     rotate: shapes are rotated by a uniform angle (circles are unchanged).
+    distinct_colors: no two objects of a scene share a palette colour (needs max_objects <=
+      len(COLORS)); otherwise colours are drawn independently.
     """
 
     scale_ranges: tuple[tuple[float, float], ...] = ((0.08, 0.12), (0.15, 0.20))
@@ -92,6 +95,7 @@ class SceneStyle:
     background: str = "varied"
     color_jitter: float = 0.0
     rotate: bool = False
+    distinct_colors: bool = False
 
     def __post_init__(self):
         if len(self.scale_ranges) != len(SIZES) or any(
@@ -110,7 +114,7 @@ class SceneStyle:
 SCENE_STYLES = {
     "classic": SceneStyle(),
     "large": SceneStyle(scale_ranges=((0.15, 0.19), (0.21, 0.26)), min_centre_separation=0.95,
-                        background="uniform"),
+                        background="uniform", distinct_colors=True),
     "crowded": SceneStyle(scale_ranges=((0.10, 0.14), (0.16, 0.22)), min_centre_separation=0.35,
                           color_jitter=35.0, rotate=True),
 }
@@ -341,7 +345,15 @@ def generate_scene(
     # Uniform draws turned into categories: one Generator call instead of one per property.
     u = rng.random((4, num))
     shape = (u[0] * len(SHAPES)).astype(np.int64)  # [K]
-    color = (u[1] * len(COLORS)).astype(np.int64)
+    if look.distinct_colors:
+        if num > len(COLORS):
+            raise ValueError(f"distinct colours need at most {len(COLORS)} objects, got {num}")
+        # The same uniform draws, each picking among the colours not taken yet.
+        free = list(range(len(COLORS)))
+        color = np.array([free.pop(int(v * (len(COLORS) - k))) for k, v in enumerate(u[1])],
+                         np.int64)
+    else:
+        color = (u[1] * len(COLORS)).astype(np.int64)
     size = (u[2] * len(SIZES)).astype(np.int64)
     ranges = np.asarray(look.scale_ranges, np.float64)  # [len(SIZES), 2]
     lo, hi = ranges[size, 0], ranges[size, 1]
@@ -429,7 +441,10 @@ class SyntheticScenes:
     ):
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
-        scene_style(style)  # an unknown name fails here, not in a loader worker
+        look = scene_style(style)  # an unknown name fails here, not in a loader worker
+        if look.distinct_colors and max_objects > len(COLORS):
+            raise ValueError(f"scene style {style!r} gives every object its own colour: "
+                             f"max_objects={max_objects} exceeds the {len(COLORS)} colours")
         self._num_examples = int(num_examples)
         self._index_offset = int(index_offset)
         self._kwargs = dict(
