@@ -185,20 +185,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if unknown:
         raise ConfigError(f"--accept_config_change names unknown config keys: "
                           f"{', '.join(unknown)}")
+    # The data first: a missing dataset fails in seconds, before any model is built and before
+    # the workdir is created.
+    loader = make_loader(config, "train", global_batch_size=config.train.batch_size,
+                         shard_index=jax.process_index(), shard_count=jax.process_count(),
+                         seed=config.seed)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        return _train(config, workdir, config_flat, accept_config_change)
+        return _train(config, workdir, config_flat, accept_config_change, loader)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
-           accept_config_change) -> list[dict[str, float]]:
-    # The data first: a missing dataset fails in seconds, before any model is built.
-    loader = make_loader(config, "train", global_batch_size=config.train.batch_size,
-                         shard_index=jax.process_index(), shard_count=jax.process_count(),
-                         seed=config.seed)
+           accept_config_change, loader) -> list[dict[str, float]]:
     mesh = sharding.make_mesh(config.train.num_devices)
     graphdef, state, train_step = build(config, mesh)
     base_key = jax.random.key(config.seed)
