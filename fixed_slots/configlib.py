@@ -360,12 +360,6 @@ def choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-def fixed_point_options(config: ml_collections.ConfigDict) -> dict:
-    """config.slot_attention.fixed_point without its unset (None) keys: SlotAttention's
-    `fixed_point_options`."""
-    return {k: v for k, v in config.slot_attention.fixed_point.items() if v is not None}
-
-
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -468,6 +462,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         parse_grad_mode(config.grad)
     except ValueError as e:
         raise ConfigError(f"config.grad: {e}") from None
+    from fixed_slots.models.common import fixed_point_options
     from fixed_slots.modules.slot_attention import fixed_point_mode
 
     options = fixed_point_options(config)

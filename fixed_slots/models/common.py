@@ -16,10 +16,14 @@ _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
 
 
+def fixed_point_options(config: ml_collections.ConfigDict) -> dict:
+    """config.slot_attention.fixed_point without its unset (None) keys: SlotAttention's
+    `fixed_point_options`."""
+    return {k: v for k, v in config.slot_attention.fixed_point.items() if v is not None}
+
+
 def slot_attention_from_config(config: ml_collections.ConfigDict, *, input_size: int,
                                rngs: nnx.Rngs) -> SlotAttention:
-    from fixed_slots.configlib import fixed_point_options
-
     sa = config.slot_attention
     return SlotAttention(
         input_size, sa.slot_size, sa.mlp_hidden_size, num_slots=sa.num_slots,

@@ -12,7 +12,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from fixed_slots import configlib, models
+from fixed_slots import models
+from fixed_slots.models.common import fixed_point_options
 from fixed_slots.modules.slot_attention import fixed_point_mode
 from fixed_slots import sharding
 from fixed_slots.train.optim import make_optimizer
@@ -41,7 +42,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bo
     graphdef, params = split_params(model)
     tx = make_optimizer(config.optim, params, flat=flat_optimizer)
     state = sharding.replicate(TrainState.create(params, tx), mesh)
-    mode = fixed_point_mode(config.grad, configlib.fixed_point_options(config))
+    mode = fixed_point_mode(config.grad, fixed_point_options(config))
     step_fn = make_train_step(graphdef, tx, decay=config.optim.decay,
                               adjoint_stats=mode.grad in ("implicit", "neumann"))
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
