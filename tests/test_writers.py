@@ -88,6 +88,19 @@ def test_tensorboardx_writer_round_trip(tmp_path):
     check_events(tmp_path)
 
 
+def test_flushed_events_are_on_disk_without_close(tmp_path):
+    """What the trainer relies on before each checkpoint: after `flush`, a process killed without
+    closing the writer has every event written so far in the file (tensorboardX's own
+    SummaryWriter.flush leaves queued events to its background thread)."""
+    writer = writers.TensorboardXWriter(str(tmp_path))
+    for step in range(1, 201):
+        writer.write_scalars(step, {"loss": float(step)})
+    writer.flush()
+    steps = [s for s, _ in values_by_tag(read_events(tmp_path))["loss"]]
+    assert steps == list(range(1, 201))
+    writer.close()
+
+
 def test_asynchronous_writer_round_trip_and_errors(tmp_path):
     writer = writers.AsyncWriter(writers.TensorboardXWriter(str(tmp_path)))
     write_everything(writer)

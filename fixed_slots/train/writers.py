@@ -50,6 +50,15 @@ def _as_image_batch(image: Any) -> np.ndarray:
     return image
 
 
+def _tensorflow_bucket_edges() -> list[float]:
+    """TensorBoard's default histogram edges: +-1e-12 * 1.1^k up to 1e20, and 0."""
+    edges, value = [], 1e-12
+    while value < 1e20:
+        edges.append(value)
+        value *= 1.1
+    return [-v for v in reversed(edges)] + [0.0] + edges
+
+
 def _hparam_value(value: Any) -> bool | int | float | str:
     """TensorBoard's hparams plugin takes bool, number or string values."""
     if isinstance(value, (bool, int, float, str)):
@@ -60,53 +69,76 @@ def _hparam_value(value: Any) -> bool | int | float | str:
 
 
 class TensorboardXWriter:
-    """`clu.metric_writers.MetricWriter`'s methods over tensorboardX's SummaryWriter."""
+    """`clu.metric_writers.MetricWriter`'s methods, writing TensorBoard event files synchronously.
 
-    def __init__(self, logdir: str, *, flush_secs: int = 30):
-        from tensorboardX import SummaryWriter
+    tensorboardX's `SummaryWriter` queues events for a background thread, and its `flush` does
+    not drain that queue: a process killed right after "flush" loses the last events (the
+    trainer flushes before every checkpoint and promises the checkpointed steps are on disk).
+    So events go straight to tensorboardX's record writer here, each call flushed to the OS
+    (a write syscall, ~10 us; logging happens every N steps). Use `AsyncWriter` to take PNG
+    encoding off the caller's thread.
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
 
         self.logdir = os.fspath(logdir)
         os.makedirs(self.logdir, exist_ok=True)
-        self._writer = SummaryWriter(self.logdir, flush_secs=flush_secs)
+        self._events = EventsWriter(os.path.join(self.logdir, "events"))
+
+    def _write(self, step: int | None, summaries: list[Any]) -> None:
+        from tensorboardX.proto import event_pb2
+
+        for summary in summaries:
+            event = event_pb2.Event(summary=summary, wall_time=time.time())
+            if step is not None:
+                event.step = int(step)
+            self._events.write_event(event)
+        self._events.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), int(step))
+        from tensorboardX.summary import scalar
+
+        self._write(step, [scalar(name, float(value)) for name, value in scalars.items()])
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-        for name, image in images.items():
-            batch = _as_image_batch(image)
-            if batch.shape[0] == 1:
-                self._writer.add_image(name, batch[0], int(step), dataformats="HWC")
-            else:
-                self._writer.add_images(name, batch, int(step), dataformats="NHWC")
+        from tensorboardX.summary import image
+
+        summaries = []
+        for name, value in images.items():
+            batch = _as_image_batch(value)
+            # One image as is; a batch as one grid image (what SummaryWriter.add_images does).
+            summaries.append(image(name, batch[0], dataformats="HWC") if batch.shape[0] == 1
+                             else image(name, batch, dataformats="NHWC"))
+        self._write(step, summaries)
 
     def write_histograms(self, step: int, arrays: Mapping[str, Any],
                          num_buckets: Mapping[str, int] | int | None = None) -> None:
+        from tensorboardX.summary import histogram
+
+        summaries = []
         for name, values in arrays.items():
             buckets = num_buckets.get(name) if isinstance(num_buckets, Mapping) else num_buckets
-            self._writer.add_histogram(name, np.asarray(values, np.float64).ravel(), int(step),
-                                       bins=buckets or "tensorflow")
+            values = np.asarray(values, np.float64).ravel()
+            summaries.append(histogram(name, values, buckets or _tensorflow_bucket_edges()))
+        self._write(step, summaries)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        for name, text in texts.items():
-            self._writer.add_text(name, str(text), int(step))
+        from tensorboardX.summary import text
+
+        self._write(step, [text(name, str(value)) for name, value in texts.items()])
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         from tensorboardX.summary import hparams as hparams_summaries
 
         clean = {name: _hparam_value(value) for name, value in hparams.items()}
-        # Into this run's own event file: SummaryWriter.add_hparams would open a second writer
-        # in a subdirectory, which TensorBoard shows as a separate run.
-        file_writer = self._writer._get_file_writer()
-        for summary in hparams_summaries(clean, {}):
-            file_writer.add_summary(summary)
+        self._write(None, list(hparams_summaries(clean, {})))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._events.close()
 
 
 class LoggingWriter:
