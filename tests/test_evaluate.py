@@ -102,7 +102,7 @@ def test_load_gives_the_trained_params_without_optimizer(workdir):
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A config file path works too, and the loaded model runs.
-    again = trained.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+    again = trained.load(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py") + ":tiny",
                          str(workdir), step=2)
     enc = again.encode_slots(np.zeros((1, 16, 16, 3), np.float32), jax.random.key(0))
     assert enc.slots.shape == (1, 3, 16)

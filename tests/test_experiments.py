@@ -30,7 +30,7 @@ def test_every_sweep_file_names_existing_config_keys(path):
 def test_tiny_sweep_then_report(tmp_path):
     sweep_file = tmp_path / "tiny_sweep.py"
     sweep_file.write_text(
-        'BASE = "configs/tiny.py"\n'
+        'BASE = "configs/default.py:tiny"\n'
         'COMMON = {"train.num_steps": 2, "train.log_every_steps": 1,\n'
         '          "train.image_every_steps": 0, "train.jacobian_every_steps": 2}\n'
         'def get_runs():\n'
@@ -74,7 +74,7 @@ def test_failed_run_is_recorded_skipped_and_reported(tmp_path, capsys):
     not retried, and the report counts it instead of averaging it in."""
     sweep_file = tmp_path / "failing_sweep.py"
     sweep_file.write_text(
-        'BASE = "configs/tiny.py"\n'
+        'BASE = "configs/default.py:tiny"\n'
         'def get_runs():\n'
         '    return [("broken", {"no_such_key": 1}), ("also_broken", {"grad": "nope"})]\n')
     workdir = tmp_path / "sweep"
@@ -161,7 +161,7 @@ def test_sweep_processes_share_a_sweep_through_run_locks(tmp_path, capsys):
     import sys
 
     sweep_file = tmp_path / "sweep.py"
-    sweep_file.write_text('BASE = "configs/tiny.py"\n'
+    sweep_file.write_text('BASE = "configs/default.py:tiny"\n'
                           'def get_runs():\n'
                           '    return [("held", {"no_such_key": 1}), ("stale", {"no_such_key": 2})]\n')
     workdir = tmp_path / "sweep"
