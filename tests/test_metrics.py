@@ -73,6 +73,27 @@ def test_fg_ari_degenerate_cases():
     np.testing.assert_allclose(got, _sk_ari(true_ids, pred_ids, True))
 
 
+def test_token_resolution_ceiling_is_fg_ari_of_the_majority_token_map():
+    """Objects aligned to the 4x4 token grid: ceiling 1. A disc: the FG-ARI (sklearn) of the
+    mask whose every 4x4 block takes its most common id, written here with plain loops."""
+    aligned = np.zeros((1, 16, 16), np.int32)
+    aligned[0, 4:12, 0:8], aligned[0, 0:4, 8:16] = 1, 2
+    np.testing.assert_allclose(segmentation.token_resolution_ceiling(aligned, 4, 3), [1.0])
+    yy, xx = np.mgrid[:16, :16]
+    disc = np.zeros((2, 16, 16), np.int32)
+    disc[0][(yy - 6.3) ** 2 + (xx - 7.1) ** 2 < 20] = 1
+    disc[0][(yy - 12.5) ** 2 + (xx - 12.2) ** 2 < 9] = 2
+    disc[1][(yy - 9.4) ** 2 + (xx - 5.6) ** 2 < 30] = 2
+    best = np.zeros_like(disc)
+    for b, i, j in itertools.product(range(2), range(4), range(4)):
+        block = disc[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+        best[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = np.bincount(block.ravel(), minlength=3).argmax()
+    expected = _sk_ari(disc, best, ignore_background=True)
+    got = segmentation.token_resolution_ceiling(disc, 4, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert (got < 0.95).all()  # boundary pixels cost a lot at this resolution
+
+
 def test_ari_probabilities_jit_and_padding_mask():
     rng = np.random.default_rng(7)
     true_ids = rng.integers(0, 4, (3, 32))

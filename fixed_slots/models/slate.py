@@ -23,7 +23,7 @@ from fixed_slots.models.protocol import (
     Pictures,
     SlotEncoding,
 )
-from fixed_slots.models.segmentation import segmentation_metrics
+from fixed_slots.models.segmentation import segmentation_metrics, token_resolution_ceiling
 from fixed_slots.modules.decoding import generate_tokens
 from fixed_slots.modules.dvae import DVAE, cosine_anneal, gumbel_max, gumbel_softmax
 from fixed_slots.modules.encoders import LearnedPositionEmbedding, TokenEmbedding
@@ -173,6 +173,8 @@ class Slate(nnx.Module):
         if self.segmentation_metrics and "mask" in batch:
             masks = upsample_attention(enc.attention, self.grid, self.image_size)
             per_example.update(segmentation_metrics(batch["mask"], masks, self.num_mask_ids))
+            per_example["fg_ari_token_ceiling"] = token_resolution_ceiling(
+                batch["mask"], self.image_size // self.grid, self.num_mask_ids)
         return EvalBatch(per_example, generated=slot_recon)
 
     def evaluation_pictures(self, batch: dict[str, jax.Array], key: jax.Array) -> Pictures:
