@@ -1,6 +1,6 @@
 """Train, evaluate or show a config.
 
-    python main.py --config=configs/default.py --workdir=/tmp/run            # train (resumes)
+    python main.py --config=configs/default.py --workdir=/tmp/run            # train (resumes), evaluate
     python main.py --config=configs/default.py --workdir=/tmp/run --mode=eval
     python main.py --config=configs/slate_clevr.py --mode=show_config        # keys, values, choices
 
@@ -41,11 +41,15 @@ def main(argv):
     if _MODE.value == "train":
         from fixed_slots.train.trainer import train_and_evaluate
 
-        train_and_evaluate(config, _WORKDIR.value, accept_config_change=_ACCEPT_CHANGE.value)
-    else:
-        from fixed_slots.eval.evaluate import evaluate
+        history = train_and_evaluate(config, _WORKDIR.value,
+                                     accept_config_change=_ACCEPT_CHANGE.value)
+        # Only a run that reached its last step: a stopped (preempted) run must exit promptly.
+        finished = bool(history) and history[-1]["step"] >= config.train.num_steps
+        if not (finished and config.train.get("evaluate_at_end", True)):
+            return
+    from fixed_slots.eval.evaluate import evaluate
 
-        evaluate(config, _WORKDIR.value)
+    evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     c.train.jacobian_every_steps = 1_000
     c.train.checkpoint_every_steps = 5_000
     c.train.max_checkpoints_to_keep = 3
+    # main.py evaluates the last checkpoint when a run reaches num_steps (not when stopped).
+    c.train.evaluate_at_end = True
     # "float32", or "bfloat16" for mixed precision (params and the fixed-point solve stay float32).
     c.train.compute_dtype = "float32"
     # Devices of the data-parallel mesh; None uses every device (all hosts).

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fixed_slots import configlib, visualize
+from fixed_slots import configlib, log, visualize
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.errors import ConfigError
 from fixed_slots.eval.metrics import PropertyLayout, average_precisions
@@ -50,11 +50,11 @@ def _check_inception_weights(config: ml_collections.ConfigDict) -> None:
 def _fid(config, real: np.ndarray, generated: np.ndarray) -> float | str:
     path = config.eval.inception_weights
     if not path:
-        message = ("FID skipped: no Inception weights given. Convert the standard FID weights "
-                   "(pt_inception-2015-12-05-6726825d.pth) with `python -m fixed_slots.eval."
-                   "inception convert --src=... --dst=fid_inception.npz` and pass "
-                   "--config.eval.inception_weights=fid_inception.npz")
-        logging.warning(message)
+        if jax.process_index() == 0:
+            log.info("FID not computed: no Inception weights given. Convert the standard FID "
+                     "weights (pt_inception-2015-12-05-6726825d.pth) with `python -m fixed_slots."
+                     "eval.inception convert --src=... --dst=fid_inception.npz` and pass "
+                     "--config.eval.inception_weights=fid_inception.npz")
         return "skipped: no --config.eval.inception_weights"
     _check_inception_weights(config)
     from fixed_slots.eval.inception import compute_fid
@@ -138,4 +138,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(clean, f, indent=2, sort_keys=True)
     logging.info("Evaluation at step %d: %s", step, clean)
+    if primary:
+        log.info("%s", summary_line(clean, out_dir))
     return clean
+
+
+def summary_line(metrics: dict[str, Any], out_dir: str) -> str:
+    """The console line of an evaluation: every number, FG-ARI next to its token ceiling."""
+    shown = []
+    for name, value in metrics.items():
+        if name in ("step", "num_images", "mse_scale", "fg_ari_token_ceiling"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            text = f"{name} {value:.4g}"
+            if name == "fg_ari" and "fg_ari_token_ceiling" in metrics:
+                # What perfect slots score at token resolution (SLATE's masks are token-sized).
+                text += f" (token-resolution ceiling {metrics['fg_ari_token_ceiling']:.4g})"
+            shown.append(text)
+        elif value is None:
+            shown.append(f"{name} n/a")
+        else:
+            shown.append(f"{name} {value}")
+    return (f"Evaluation at step {metrics['step']} on {metrics['num_images']} images: "
+            f"{', '.join(shown)}. Metrics and pictures in {out_dir}")

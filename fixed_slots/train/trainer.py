@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from fixed_slots import configlib, log
 from fixed_slots.errors import ConfigError, UserError, WorkdirError
@@ -108,12 +107,12 @@ class _StopFlag:
             raise KeyboardInterrupt(f"signal {signum} received twice")
         self._signalled = True
         if self.coordinated:
-            logging.warning("Received signal %d: every process saves a checkpoint at the same "
-                            "step and stops (send it again to stop without saving).", signum)
+            log.warning("Received signal %d: every process saves a checkpoint at the same step "
+                        "and stops (send it again to stop without saving).", signum)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        logging.warning("Received signal %d: saving a checkpoint and stopping "
-                        "(send it again to stop without saving).", signum)
+        log.warning("Received signal %d: saving a checkpoint and stopping (send it again to "
+                    "stop without saving).", signum)
         self.stop = True
 
     def restore(self):
@@ -291,6 +290,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
         if stop.stop and step % config.train.checkpoint_every_steps != 0:
             _save(checkpointer, step, state, base_key, data_state_now, writer,
                   _metadata(config_flat, plateau), force=True)
+        if stop.stop and jax.process_index() == 0:
+            log.info("Stopped at step %d of %d, saved in %s: the same command resumes.", step,
+                     num_steps, ckpt_dir)
     finally:
         progress.close()
         stop.restore()

@@ -35,6 +35,7 @@ FREE_TO_CHANGE = (
     "train.jacobian_every_steps",
     "train.checkpoint_every_steps",
     "train.max_checkpoints_to_keep",
+    "train.evaluate_at_end",
     "train.num_devices",
     "data.data_dir",
     "eval.",
