@@ -22,9 +22,10 @@ jitter, rotation); `SCENE_STYLES` names the presets that `config.data.synthetic_
 
     classic   the original scenes: small and large objects, partial overlaps, muted uniform or
               gradient backgrounds
-    large     objects about twice as large, barely overlapping, each of its own colour, on uniform
-              backgrounds: at 32x32 an object spans 2-4 dVAE tokens (4x4 pixels each) across (the
-              README's default run)
+    large     objects 2.5-3.5x the classic radius (a fifth to a third of the image side), each of its
+              own colour, on uniform backgrounds, overlapping little (~5% of the covered area): at
+              48x48 an object spans 5-7 dVAE tokens (4x4 pixels each) across (the README's
+              default run)
     crowded   many objects with heavy occlusion, rotated shapes and jittered colours (the CPU study
               of the paper's effects, configs/study_synthetic.py)
 
@@ -113,7 +114,7 @@ class SceneStyle:
 
 SCENE_STYLES = {
     "classic": SceneStyle(),
-    "large": SceneStyle(scale_ranges=((0.15, 0.19), (0.21, 0.26)), min_centre_separation=0.95,
+    "large": SceneStyle(scale_ranges=((0.20, 0.24), (0.26, 0.30)), min_centre_separation=0.95,
                         background="uniform", distinct_colors=True),
     "crowded": SceneStyle(scale_ranges=((0.10, 0.14), (0.16, 0.22)), min_centre_separation=0.35,
                           color_jitter=35.0, rotate=True),
