@@ -64,6 +64,8 @@ def test_sweep_goes_seed_by_seed_and_only_keeps_named_runs(tmp_path):
     assert "--config.grad=neumann1" in train[1][1]
     assert "--config.slot_attention.num_iterations=15" in train[1][1]
     assert "--config.seed=1" in train[2][1]
+    # Evaluated once, by the sweep's own eval step (its own log), not also at the end of training.
+    assert all("--config.train.evaluate_at_end=false" in argv for _, argv in train)
     with pytest.raises(SystemExit) as exit_info:
         sweep.main([f"--sweep={path}", f"--workdir={tmp_path}", "--only=vanilla_T8"])
     assert exit_info.value.code == 2

@@ -70,7 +70,9 @@ def run_commands(sweep_path: str, workdir: str, seeds: list[int], extra: dict[st
             flags = [_flag(k, v) for k, v in settings.items()]
             base = [sys.executable, "main.py", f"--config={sweep.BASE}", *flags,
                     f"--workdir={run_dir}"]
-            commands.append((run_dir, base))
+            # The evaluation runs as its own step (eval.log; redone if only it failed), not as
+            # main.py's evaluation at the end of training.
+            commands.append((run_dir, base + ["--config.train.evaluate_at_end=false"]))
             commands.append((run_dir, base + ["--mode=eval"]))
     return commands
 
