@@ -108,6 +108,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     saved = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved, out[-3000:]
+    # A stopped run says how to go on and leaves without the end-of-run evaluation (a preempted
+    # job must exit promptly).
+    assert "saving a checkpoint and stopping" in out and "the same command resumes" in out
+    assert not (tmp_path / "eval").exists() and "Evaluation at step" not in out
+    assert "Traceback" not in out
 
 
 def test_missing_dataset_names_the_build_command(tmp_path):
