@@ -1,12 +1,13 @@
 """SLATE with implicit slot attention on the embedded synthetic scenes (no download).
 
-Sized for 2 CPU cores (~130 ms a step, about 14 minutes with compilation): 48x48 images of
-2-3 large objects (12x12 dVAE tokens of 4x4 pixels), a 2-block decoder, 64-d everything,
-batch 16, 6000 steps. SLATE's masks are token-sized, so FG-ARI cannot exceed what perfect slots
-score at token resolution (the evaluation reports it as `fg_ari_token_ceiling`): 0.65 at 32x32
-with these objects, 0.80 here; trained runs reach that ceiling (docs/results.md, 3 seeds). The
-per-slot masks in TensorBoard's `slate` images (`tensorboard --logdir=WORKDIR`) pick out single
-objects after ~3000 steps; main.py evaluates the last checkpoint at the end.
+Sized for 2 CPU cores (~130 ms a step, about 14 minutes with compilation and evaluation): 48x48
+images of 2-3 large objects (12x12 dVAE tokens of 4x4 pixels), a 2-block decoder, 64-d
+everything, batch 16, 6000 steps. SLATE's masks are token-sized, and trained slots give a token
+mixing object and background to the background slot: FG-ARI then tracks what "each token to
+whatever covers most of it" scores, 0.72 at 32x32 and 0.80 at 48x48 on these scenes, hence 48x48
+(BENCHMARKS.md). Three seeds reached FG-ARI 0.61-0.85 (docs/results.md). The per-slot masks in
+TensorBoard's `slate` images (`tensorboard --logdir=WORKDIR`) pick out single objects after
+~3000 steps; main.py evaluates the last checkpoint at the end.
 """
 from fixed_slots import configlib
 

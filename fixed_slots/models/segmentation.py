@@ -97,15 +97,17 @@ def token_resolution_ceiling(true_mask: jax.Array, factor: int, num_mask_ids: in
                              ) -> jax.Array:
     """FG-ARI [B] of the best segmentation made of `factor` x `factor`-pixel tokens.
 
-    Each token is given the id most of its pixels have (background included) and upsampled by
-    repetition, as `SLATE`'s attention masks are: what a model whose slots follow the objects
-    perfectly at token resolution would score. At 32x32 with 4x4-pixel tokens and objects a few
-    tokens wide this is far below 1, so a model's FG-ARI is read against it.
+    Each token is given the object most of its foreground pixels belong to (FG-ARI ignores
+    background pixels, so background in a token costs nothing) and upsampled by repetition, as
+    `SLATE`'s attention masks are: what a model whose slots follow the objects perfectly at token
+    resolution scores, up to ties. With objects a few tokens wide it is well below 1, so a
+    model's FG-ARI is read against it.
     """
     true = true_mask.astype(jnp.int32)  # [B, H, W]
     b, h, w = true.shape
     counts = jax.nn.one_hot(true, num_mask_ids, dtype=jnp.float32).reshape(
         b, h // factor, factor, w // factor, factor, num_mask_ids).sum(axis=(2, 4))
+    counts = counts.at[..., 0].set(0.0)  # a token without objects stays 0 (ignored anyway)
     majority = jnp.argmax(counts, axis=-1)  # [B, H/factor, W/factor]
     best = jnp.repeat(jnp.repeat(majority, factor, axis=1), factor, axis=2)
     return adjusted_rand_index(true, best, num_mask_ids, num_mask_ids, ignore_background=True)
