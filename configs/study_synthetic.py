@@ -1,10 +1,11 @@
 """The CPU study of the paper's effects (issue 11): small SLATE on crowded synthetic scenes.
 
-The README's default model (32x32 images, 8x8 dVAE tokens, 64-d, 2 decoder blocks) on harder
+The README's default model (64-d, 2 decoder blocks) at 32x32 (8x8 dVAE tokens) on harder
 scenes: 3-5 objects with heavy occlusion, rotated shapes and jittered colours, 6 slots, the
-paper's T=7, batch 16, 4000 steps: about 6 CPU-minutes a run (~80 ms per step). The sweep
+paper's T=7, batch 16, 4000 steps: about 5 minutes a run on 2 cores (~15 steps/s). The sweep
 `configs/sweeps/study_synthetic.py` varies the gradient (vanilla `unroll` vs implicit
-`neumann1`), T, and clipping/warmup; docs/results.md reports what came out. The same study at the paper's scale (CLEVR-Mirror, GPU) is
+`neumann1`), T, and clipping/warmup; docs/results.md reports what came out (3 seeds). The same
+study at the paper's scale (CLEVR-Mirror, GPU) is
 `configs/sweeps/study_clevr.py`.
 
   python main.py --config=configs/study_synthetic.py --config.grad=unroll --workdir=W
