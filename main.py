@@ -45,7 +45,7 @@ def main(argv):
                                      accept_config_change=_ACCEPT_CHANGE.value)
         # Only a run that reached its last step: a stopped (preempted) run must exit promptly.
         finished = bool(history) and history[-1]["step"] >= config.train.num_steps
-        if not (finished and config.train.get("evaluate_at_end", True)):
+        if not (finished and config.train.evaluate_at_end):
             return
     from fixed_slots.eval.evaluate import evaluate
 

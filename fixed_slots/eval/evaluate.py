@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from fixed_slots import configlib, log, visualize
@@ -137,7 +136,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if primary:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(clean, f, indent=2, sort_keys=True)
-    logging.info("Evaluation at step %d: %s", step, clean)
     if primary:
         log.info("%s", summary_line(clean, out_dir))
     return clean

@@ -135,7 +135,8 @@ def _save(checkpointer: Checkpointer, step: int, state: TrainState, base_key: ja
     """Saves only a state that no non-finite step has touched, with the run's config.
 
     The writer is flushed first, so every step a checkpoint covers is in the event files even if
-    the process is killed right after (they would otherwise wait for the writer's 30 s flush).
+    the process is killed right after (CLU's writer would otherwise hold them until its periodic
+    flush; the tensorboardX writer writes through).
     """
     _check_finite(state, checkpointer.directory)
     writer.flush()
