@@ -266,5 +266,6 @@ def main() -> None:
             diff = f"{relative_difference(grads, reference):.1e}" if reference is not None else "-"
             print(f"| {lib} | {label} | {mib:.2f} MiB | {ms:.2f} ms | {diff} |", flush=True)
 
+
 if __name__ == "__main__":
     main()
