@@ -10,6 +10,7 @@ from flax import nnx
 
 from fixed_slots.fixed_point import FixedPointInfo, jacobian_spectral_norm
 from fixed_slots.models.protocol import FixedPointStep, SlotEncoding, SlotModel
+from fixed_slots.modules.norms import layer_norm
 from fixed_slots.modules.slot_attention import SlotAttention
 
 _xavier = nnx.initializers.xavier_uniform()
@@ -36,7 +37,7 @@ class SlotAttentionEncoder(nnx.Module):
     """SLATE's SlotAttentionEncoder: LayerNorm -> MLP on the inputs, then slot attention."""
 
     def __init__(self, input_size: int, slot_attention: SlotAttention, *, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(input_size, epsilon=1e-5, rngs=rngs)
+        self.norm = layer_norm(input_size, epsilon=1e-5, rngs=rngs)
         self.mlp_in = nnx.Linear(input_size, input_size, kernel_init=_kaiming, rngs=rngs)
         self.mlp_out = nnx.Linear(input_size, input_size, kernel_init=_xavier, rngs=rngs)
         self.slot_attention = slot_attention

@@ -25,6 +25,7 @@ from fixed_slots.models.protocol import (
 )
 from fixed_slots.models.segmentation import segmentation_metrics, token_resolution_ceiling
 from fixed_slots.modules.decoding import generate_tokens
+from fixed_slots.modules.dtypes import at_least_float32
 from fixed_slots.modules.dvae import DVAE, cosine_anneal, gumbel_max, gumbel_softmax
 from fixed_slots.modules.encoders import LearnedPositionEmbedding, TokenEmbedding
 from fixed_slots.modules.transformer import TransformerDecoder
@@ -67,6 +68,10 @@ class Slate(nnx.Module):
         self.head = nnx.Linear(s.d_model, s.vocab_size, use_bias=False, kernel_init=_xavier,
                                dtype=dtype, rngs=rngs)
 
+    def _compute(self, x: jax.Array) -> jax.Array:
+        """x in the mixed-precision compute dtype; unchanged when computing in float32."""
+        return x if self.compute_dtype == jnp.float32 else x.astype(self.compute_dtype)
+
     def temperature(self, step: jax.Array) -> jax.Array:
         return cosine_anneal(step, self.tau_start, self.tau_final, 0, self.tau_steps)
 
@@ -87,22 +92,22 @@ class Slate(nnx.Module):
         dropout and hard (one-hot, straight-through) Gumbel samples for the dVAE reconstruction."""
         image = batch["image"]  # [B, H, W, 3]
         self._check_image(image)
-        image = image.astype(jnp.float32)
+        image = at_least_float32(image)
         k_soft, k_hard, k_pos, k_slots, k_dec = jax.random.split(key, 5)
         tau = self.temperature(step)
         log_probs = self.dvae.encode(image)  # [B, h, w, V]
         z_soft = gumbel_softmax(k_soft, log_probs, tau, self.hard or not train, axis=-1)
-        recon = self.dvae.decode(z_soft.astype(self.compute_dtype)).astype(jnp.float32)
+        recon = at_least_float32(self.dvae.decode(self._compute(z_soft)))
         mse = jnp.sum((image - recon) ** 2) / image.shape[0]
 
         tokens = jax.lax.stop_gradient(gumbel_max(k_hard, log_probs))  # [B, h, w] detached
         tokens = tokens.reshape(tokens.shape[0], -1).astype(jnp.int32)  # [B, L] row-major
         ids = jnp.concatenate([jnp.full((tokens.shape[0], 1), BOS_ID, jnp.int32), tokens + 1], 1)
         emb = self.embed(ids, train=train, rng=k_pos)  # [B, L + 1, D]
-        slots, attn, info, _ = self.encoder(emb[:, 1:].astype(jnp.float32), k_slots, train=train,
+        slots, attn, info, _ = self.encoder(at_least_float32(emb[:, 1:]), k_slots, train=train,
                                             adjoint_probe=adjoint_probe)
         dec = self.decoder(emb[:, :-1], self.slot_proj(slots), deterministic=not train, rng=k_dec)
-        logits = self.head(dec).astype(jnp.float32)  # [B, L, V]
+        logits = at_least_float32(self.head(dec))  # [B, L, V]
         log_p = jax.nn.log_softmax(logits, axis=-1)
         cross_entropy = -jnp.mean(jnp.sum(
             jnp.take_along_axis(log_p, tokens[..., None], axis=-1), axis=(1, 2)))
@@ -126,7 +131,7 @@ class Slate(nnx.Module):
         log_probs = self.dvae.encode(image)
         tokens = jnp.argmax(log_probs, axis=-1).reshape(image.shape[0], -1).astype(jnp.int32)
         emb = self.embed(tokens + 1, 1)  # positions 1..L, as in training
-        slots, attn, info, sa_inputs = self.encoder(emb.astype(jnp.float32), key, train=False,
+        slots, attn, info, sa_inputs = self.encoder(at_least_float32(emb), key, train=False,
                                                     num_iterations=num_iterations)
         return SlotEncoding(slots, attn, info, sa_inputs, tokens)
 

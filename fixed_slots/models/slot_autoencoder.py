@@ -30,6 +30,7 @@ from fixed_slots.models.protocol import (
 )
 from fixed_slots.models.segmentation import segmentation_metrics
 from fixed_slots.modules.decoders import SpatialBroadcastDecoder
+from fixed_slots.modules.dtypes import at_least_float32
 from fixed_slots.modules.encoders import CNNEncoder
 from fixed_slots.modules.slot_attention import SlotAttention
 
@@ -44,7 +45,7 @@ def check_image(image: jax.Array, image_size: int, model_name: str) -> None:
 
 def to_network_range(image: jax.Array) -> jax.Array:
     """[0, 1] -> [-1, 1], the official preprocessing."""
-    return image.astype(jnp.float32) * 2.0 - 1.0
+    return at_least_float32(image) * 2.0 - 1.0
 
 
 def from_network_range(x: jax.Array) -> jax.Array:
@@ -69,7 +70,7 @@ class CNNSlotEncoder(nnx.Module):
                  num_iterations: int | None = None, adjoint_probe: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, FixedPointInfo, jax.Array]:
         """-> (slots [B, S, D_slot], attention [B, S, N], info, slot-attention inputs [B, N, D])."""
-        x = self.cnn(image).astype(jnp.float32)  # [B, N, D]; the fixed point runs in float32
+        x = at_least_float32(self.cnn(image))  # [B, N, D]; the fixed point runs in float32
         slots, attn, info = self.slot_attention(x, key, train=train,
                                                 num_iterations=num_iterations,
                                                 adjoint_probe=adjoint_probe)
@@ -136,7 +137,7 @@ class SlotAutoencoder(nnx.Module):
     def _decode(self, slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """slots [B, S, D] -> recon [B,H,W,3], recons [B,S,H,W,3] in [-1, 1], masks [B,S,H,W]."""
         recon, recons, masks = self.decoder(slots)
-        return recon.astype(jnp.float32), recons.astype(jnp.float32), masks[..., 0]
+        return at_least_float32(recon), at_least_float32(recons), masks[..., 0]
 
     def __call__(self, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array, *,
                  train: bool = True, adjoint_probe: jax.Array | None = None) -> ModelOutput:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fixed_slots.modules.dtypes import at_least_float32
 from fixed_slots.modules.encoders import SoftPositionEmbed
 
 Dtype = Any
@@ -36,8 +37,8 @@ def alpha_composite(
     x = x.reshape(batch_size, -1, *x.shape[1:])  # [B, S, H, W, C+1]
     recons, logits = x[..., :num_channels], x[..., num_channels:]
     # Softmax over the slots axis in float32: the masks must sum to one per pixel.
-    masks = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # [B, S, H, W, 1]
-    recon = jnp.sum(recons.astype(jnp.float32) * masks, axis=1)  # [B, H, W, C]
+    masks = jax.nn.softmax(at_least_float32(logits), axis=1)  # [B, S, H, W, 1]
+    recon = jnp.sum(at_least_float32(recons) * masks, axis=1)  # [B, H, W, C]
     return recon, recons, masks
 
 

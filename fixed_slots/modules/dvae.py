@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fixed_slots.modules.dtypes import at_least_float32
+from fixed_slots.modules.norms import group_norm
+
 # torch.nn.init.kaiming_uniform_(w, nonlinearity='relu'): U(-b, b), b = sqrt(6 / fan_in).
 kaiming_uniform = jax.nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 # torch.nn.init.xavier_uniform_(w): U(-b, b), b = sqrt(6 / (fan_in + fan_out)).
@@ -78,9 +81,8 @@ class Conv2dBlock(nnx.Module):
             in_channels, out_channels, kernel_size, stride, padding,
             use_bias=False, weight_init="kaiming", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # F.group_norm(x, 1, weight, bias): statistics over (H, W, C) per image, eps 1e-5.
-        self.norm = nnx.GroupNorm(
-            out_channels, num_groups=1, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
-            rngs=rngs)
+        self.norm = group_norm(out_channels, 1, epsilon=1e-5, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # [B, H, W, C_in] -> [B, H', W', C_out]
@@ -150,7 +152,7 @@ class DVAE(nnx.Module):
         """Image [B, H, W, C] in [0, 1] -> token log-probabilities [B, H/4, W/4, vocab]."""
         logits = self.encoder(image)  # [B, H/4, W/4, vocab]
         # Normalise in float32: the log-probabilities feed the Gumbel sampler and argmax.
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jax.nn.log_softmax(at_least_float32(logits), axis=-1)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """(Relaxed) one-hot grid [B, h, w, vocab] -> image [B, 4h, 4w, C] (not clamped)."""
@@ -165,9 +167,10 @@ class DVAE(nnx.Module):
 
 
 def _gumbel_noise(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
-    # The official sampler: -log(Exp(1) + tiny), tiny guards log(0).
-    eps = jnp.finfo(dtype).tiny
-    return -jnp.log(jax.random.exponential(key, shape, dtype) + eps)
+    # The official sampler: -log(Exp(1) + tiny), tiny guards log(0). Drawn in float32 whatever
+    # the logits' dtype, so a float64 model sees the same noise as the float32 one.
+    eps = jnp.finfo(jnp.float32).tiny
+    return (-jnp.log(jax.random.exponential(key, shape, jnp.float32) + eps)).astype(dtype)
 
 
 def gumbel_max(key: jax.Array, logits: jax.Array, axis: int = -1) -> jax.Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fixed_slots.modules.norms import layer_norm
 from fixed_slots.modules.transformer import dropout
 
 Dtype = Any
@@ -84,7 +85,7 @@ class CNNEncoder(nnx.Module):
             for i, s in enumerate(strides)
         ])
         self.pos = SoftPositionEmbed(features[-1], self.out_resolution, **kw)
-        self.layer_norm = nnx.LayerNorm(features[-1], epsilon=layer_norm_epsilon, **kw)
+        self.layer_norm = layer_norm(features[-1], epsilon=layer_norm_epsilon, **kw)
         self.mlp_in = nnx.Linear(features[-1], mlp_hidden, kernel_init=glorot_uniform, **kw)
         self.mlp_out = nnx.Linear(mlp_hidden, out_features, kernel_init=glorot_uniform, **kw)
 

@@ -21,6 +21,8 @@ from fixed_slots.fixed_point import (
     fixed_point_layer,
     parse_grad_mode,
 )
+from fixed_slots.modules.dtypes import at_least_float32
+from fixed_slots.modules.norms import layer_norm
 
 _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")  # PyTorch kaiming_uniform_(relu)
@@ -78,11 +80,11 @@ class SlotAttentionStep(nnx.Module):
             raise ValueError(f"slot_size {slot_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.epsilon = epsilon
-        self.norm_slots = nnx.LayerNorm(slot_size, epsilon=_LN_EPS, rngs=rngs)
+        self.norm_slots = layer_norm(slot_size, epsilon=_LN_EPS, rngs=rngs)
         self.project_q = nnx.Linear(slot_size, slot_size, use_bias=False, kernel_init=_xavier,
                                     rngs=rngs)
         self.gru = GRUCell(slot_size, slot_size, rngs=rngs)
-        self.norm_mlp = nnx.LayerNorm(slot_size, epsilon=_LN_EPS, rngs=rngs)
+        self.norm_mlp = layer_norm(slot_size, epsilon=_LN_EPS, rngs=rngs)
         self.mlp_in = nnx.Linear(slot_size, mlp_hidden_size, kernel_init=_kaiming, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_hidden_size, slot_size, kernel_init=_xavier, rngs=rngs)
 
@@ -91,7 +93,7 @@ class SlotAttentionStep(nnx.Module):
         # slots [B, S, D]; k, v [B, N, H, D/H] (k already scaled by (D/H)^-0.5)
         batch, num_slots, size = slots.shape
         q = self.project_q(self.norm_slots(slots)).reshape(batch, num_slots, self.num_heads, -1)
-        logits = jnp.einsum("bnhd,bshd->bnhs", k, q.astype(k.dtype)).astype(jnp.float32)
+        logits = at_least_float32(jnp.einsum("bnhd,bshd->bnhs", k, q.astype(k.dtype)))
         num_inputs = logits.shape[1]
         # Competition over slots; with several heads the official code normalises over
         # (heads x slots) jointly, so the per-slot masks summed over heads still sum to 1.
@@ -165,7 +167,7 @@ class SlotAttention(nnx.Module):
         self._layer_options = {
             t: self.grad_mode.layer_options(t, **self.fixed_point_options)
             for t in {self.num_iterations, self.eval_num_iterations}}
-        self.norm_inputs = nnx.LayerNorm(input_size, epsilon=_LN_EPS, rngs=rngs)
+        self.norm_inputs = layer_norm(input_size, epsilon=_LN_EPS, rngs=rngs)
         self.project_k = nnx.Linear(input_size, slot_size, use_bias=False, kernel_init=_xavier,
                                     rngs=rngs)
         self.project_v = nnx.Linear(input_size, slot_size, use_bias=False, kernel_init=_xavier,
@@ -177,7 +179,8 @@ class SlotAttention(nnx.Module):
 
     def initial_slots(self, key: jax.Array, batch: int, num_slots: int | None = None) -> jax.Array:
         num_slots = num_slots or self.num_slots
-        noise = jax.random.normal(key, (batch, num_slots, self.slot_size))
+        # float32 noise whatever the params' dtype: a float64 model sees the same draws.
+        noise = jax.random.normal(key, (batch, num_slots, self.slot_size), jnp.float32)
         return self.slots_mu[...] + jnp.exp(self.slots_log_sigma[...]) * noise  # [B, S, D]
 
     def __call__(

@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fixed_slots.modules.dtypes import at_least_float32
+from fixed_slots.modules.norms import layer_norm
+
 Dtype = Any
 Cache = list[dict[str, jax.Array]]
 CrossKV = list[tuple[jax.Array, jax.Array]]
@@ -84,14 +87,14 @@ def attention(
     if impl == "einsum" or prob_dropout > 0.0:
         scale = q.shape[-1] ** -0.5
         logits = jnp.einsum("bthd,bshd->bhts", q * scale, k)  # [B, H, T, S]
-        logits = logits.astype(jnp.float32)  # softmax in float32 whatever the compute dtype
+        logits = at_least_float32(logits)  # softmax in float32 (or wider) whatever the compute dtype
         if is_causal:
             t, s = logits.shape[-2:]
             causal = jnp.tril(jnp.ones((t, s), dtype=bool))
             mask = causal if mask is None else jnp.logical_and(mask, causal)
         if mask is not None:
             # Finite minimum instead of -inf: identical after softmax, no NaN in the gradient.
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = dropout(probs, prob_dropout, rng, deterministic=False).astype(v.dtype)
         return jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
@@ -202,11 +205,11 @@ class TransformerDecoderBlock(nnx.Module):
         ln = dict(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         attn = dict(attention_impl=attention_impl, attn_prob_dropout=attn_prob_dropout,
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn_layer_norm = nnx.LayerNorm(d_model, **ln)
+        self.self_attn_layer_norm = layer_norm(d_model, **ln)
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout, gain, **attn)
-        self.encoder_decoder_attn_layer_norm = nnx.LayerNorm(d_model, **ln)
+        self.encoder_decoder_attn_layer_norm = layer_norm(d_model, **ln)
         self.encoder_decoder_attn = MultiHeadAttention(d_model, num_heads, dropout, gain, **attn)
-        self.ffn_layer_norm = nnx.LayerNorm(d_model, **ln)
+        self.ffn_layer_norm = layer_norm(d_model, **ln)
         self.ffn_in = nnx.Linear(d_model, 4 * d_model, kernel_init=kaiming_uniform,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ffn_out = nnx.Linear(4 * d_model, d_model, kernel_init=xavier_uniform(gain),
@@ -311,8 +314,8 @@ class TransformerDecoder(nnx.Module):
                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(num_blocks)
         ])
-        self.layer_norm = nnx.LayerNorm(d_model, epsilon=1e-5, dtype=dtype,
-                                        param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm = layer_norm(d_model, epsilon=1e-5, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
 
     def precompute_cross_kv(self, slots: jax.Array) -> CrossKV:
         """Per-block cross-attention keys/values of slots [B, S, D]; computed once per image."""
