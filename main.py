@@ -31,10 +31,7 @@ def main(argv):
         raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     if _MODE.value == "show_config":
-        from fixed_slots import configlib
-
-        print(configlib.describe(config))
-        configlib.validate(config)  # after printing: a bad value is named below the listing
+        cli.show_config(config)
         return
     if not _WORKDIR.value:
         raise cli.UserError(f"--workdir is required for --mode={_MODE.value}")

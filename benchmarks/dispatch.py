@@ -39,8 +39,9 @@ import numpy as np
 from flax import nnx
 
 from fixed_slots import configlib, models
+from fixed_slots.train import trainer
 from fixed_slots import sharding
-from fixed_slots.train.optim import FlatGroups, make_optimizer, param_labels
+from fixed_slots.train.optim import FlatGroups, group_names, make_optimizer, param_labels
 from fixed_slots.train.train_step import TrainState, make_train_step, pure_params
 
 VARIANTS = ("nnx_state", "pure_per_leaf", "pure", "flat_params")
@@ -54,9 +55,10 @@ def make_state(config, variant: str, mesh):
     graphdef, params = nnx.split(model, nnx.Param)
     if variant != "nnx_state":
         params = pure_params(params)
-    tx = make_optimizer(config.optim, params, flat=variant in ("pure", "flat_params"))
+    labels = param_labels(params, model.learning_rate_group)
+    tx = make_optimizer(config.optim, labels, flat=variant in ("pure", "flat_params"))
     if variant == "flat_params":
-        params = FlatGroups(param_labels).ravel(params)
+        params = FlatGroups(labels, group_names(config.optim)).ravel(params)
         tx = make_optimizer(config.optim, {g: g for g in params}, flat=False)
     # TrainState.create would make params pure: build the nnx_state variant by hand.
     state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32),
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch:
         config.train.batch_size = args.batch
     config.train.num_devices = 1
-    configlib.validate(config)
+    trainer.check_config(config)
     mesh = sharding.make_mesh(1)
     size = config.data.image_size
     batch = sharding.put_batch({"image": np.random.default_rng(0).random(

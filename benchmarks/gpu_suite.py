@@ -91,13 +91,14 @@ def suite_config(a: argparse.Namespace):
     """(config path, overrides, validated config): tiny shapes with --dry_run (and the dVAE
     width the official model has built in, so its harness can run them too)."""
     from fixed_slots import configlib
+    from fixed_slots.train import trainer
 
     config_path, base_set = a.config, list(a.set)
     if a.dry_run:
         config_path, base_set = "configs/default.py:tiny", ["slate.dvae_hidden=64"] + base_set
     config = configlib.from_file(config_path, base_set)
     config.train.num_devices = 1  # one GPU; the scripts time one device too
-    configlib.validate(config)
+    trainer.check_config(config)
     return config_path, base_set, config
 
 

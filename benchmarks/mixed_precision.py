@@ -26,13 +26,14 @@ import time
 import jax
 
 from fixed_slots import configlib
+from fixed_slots.train import trainer
 from fixed_slots.train.trainer import train_and_evaluate
 
 RESEEDED = "float32_seed+1"
 
 
 def short_run_config(base, dtype: str, steps: int, log_every: int, synthetic: bool):
-    config = configlib.training_only(base, steps, log_every)
+    config = trainer.training_only(base, steps, log_every)
     config.train.compute_dtype = dtype
     if synthetic:
         config.data.name = "synthetic"

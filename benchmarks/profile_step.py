@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from fixed_slots import configlib
+from fixed_slots.train import trainer
 from fixed_slots import sharding
 from fixed_slots.train.state import build
 
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch:
         config.train.batch_size = args.batch
     config.train.num_devices = 1
-    configlib.validate(config)
+    trainer.check_config(config)
     mesh = sharding.make_mesh(1)
     _, state, step = build(config, mesh, flat_optimizer=args.flat_optimizer)
     size = config.data.image_size

@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from fixed_slots import configlib
+from fixed_slots.train import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                          "github.com/singhgautam/slate (benchmarks/README.md says how)")
     config = configlib.from_file(a.config, a.set)
     config.train.compute_dtype = a.compute_dtype
-    configlib.validate(config)
+    trainer.check_config(config)
     shape_args = official_args_from_config(config)
     t = config.slot_attention.num_iterations
     timing = [f"--steps={a.steps}", f"--warmup={a.warmup}"]

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from fixed_slots import configlib
+from fixed_slots.train import trainer
 from fixed_slots.modules.decoding import generate_tokens, generate_tokens_full_recompute
 from fixed_slots import sharding
 from fixed_slots.train.state import build, model_from_params, split_params
@@ -120,7 +121,7 @@ def time_training_loop(config, steps: int) -> float:
     first (the first holds compilation)."""
     from fixed_slots.train.trainer import train_and_evaluate
 
-    config = configlib.training_only(config, steps, log_every=max(steps // 5, 1))
+    config = trainer.training_only(config, steps, log_every=max(steps // 5, 1))
     config.data.name = "synthetic"
     with tempfile.TemporaryDirectory() as workdir:
         history = train_and_evaluate(config, workdir)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     base = configlib.from_file(args.config, args.set)
     if args.compute_dtype:
         base.train.compute_dtype = args.compute_dtype
-    configlib.validate(base)  # a bad override fails here, not after minutes on the device
+    trainer.check_config(base)  # a bad override fails here, not after minutes on the device
     say = (lambda *a, **k: None) if args.quiet else print
     device = jax.devices()[0]
     header = {

@@ -9,12 +9,12 @@ whatever covers most of it" scores, 0.72 at 32x32 and 0.80 at 48x48 on these sce
 TensorBoard's `slate` images (`tensorboard --logdir=WORKDIR`) pick out single objects after
 ~3000 steps; main.py evaluates the last checkpoint at the end.
 """
-from fixed_slots import configlib
+from configs import common
 
 
 def get_config(variant: str | None = None):
     """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
-    config = configlib.slate_base()
+    config = common.slate_base()
     config.grad = "neumann1"
 
     config.data.name = "synthetic"
@@ -48,4 +48,7 @@ def get_config(variant: str | None = None):
     config.train.jacobian_every_steps = 500
     config.train.checkpoint_every_steps = 1_000
     config.eval.batch_size = 32
-    return configlib.variant(config, variant)
+    if common.check_variant(variant) == "tiny":
+        common.tiny_synthetic_data(config, min_objects=2, max_objects=2)
+        common.tiny_slate(config)
+    return config

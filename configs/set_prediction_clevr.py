@@ -7,20 +7,21 @@ The official set-prediction data is not cropped (only resized to 128x128). AP at
 inf, 1, 0.5, 0.25, 0.125 is computed by `main.py --mode=eval` (fixed_slots.eval.evaluate).
 Build the data first: `python -m data_prep build clevr_with_masks --source=DIR`.
 """
-from fixed_slots import configlib
+from configs import common
 
 
 def get_config(variant: str | None = None):
     """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
-    config = configlib.set_prediction_base()
+    config = common.set_prediction_base()
     config.grad = "neumann1"
     config.data.name = "clevr_with_masks"
     config.data.crop = "none"
     config.data.image_size = 128
     config.data.max_objects = 10
-    config.set_prediction.layout = "clevr"
     config.slot_attention.num_slots = 10
     config.slot_attention.num_iterations = 3
     config.eval.batch_size = 512
     config.eval.num_batches = 30  # up to 15360 images (the official full evaluation: 15000)
-    return configlib.variant(config, variant)
+    if common.check_variant(variant) == "tiny":
+        common.tiny_set_prediction(config)
+    return config

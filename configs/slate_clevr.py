@@ -6,14 +6,16 @@ Run: python main.py --config=configs/slate_clevr.py --config.grad=neumann1 --wor
 Images are resized whole (no crop), as the authors' loader does.
 Table 2 / Fig. 3b use 64x64: --config.data.image_size=64.
 """
-from fixed_slots import configlib
+from configs import common
 
 
 def get_config(variant: str | None = None):
     """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
-    config = configlib.slate_base()  # official SLATE hyperparameters, batch 50
+    config = common.slate_base()  # official SLATE hyperparameters, batch 50
     config.data.name = "clevr_mirror"
     config.data.image_size = 96
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7  # the paper's baseline iterations
-    return configlib.variant(config, variant)
+    if common.check_variant(variant) == "tiny":
+        common.tiny_slate(config)
+    return config

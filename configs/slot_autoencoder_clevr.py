@@ -9,12 +9,12 @@ CLEVR6 keeps the scenes with at most 6 objects (`max_n_objects=6` in the officia
 `data.max_visible_objects = 6` filters the stream. ARI / FG-ARI use ids 0..10.
 Build the data first: `python -m data_prep build clevr_with_masks --source=DIR`.
 """
-from fixed_slots import configlib
+from configs import common
 
 
 def get_config(variant: str | None = None):
     """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
-    config = configlib.slot_autoencoder_base()
+    config = common.slot_autoencoder_base()
     config.grad = "neumann1"
     config.data.name = "clevr_with_masks"
     config.data.crop = "clevr"
@@ -27,4 +27,6 @@ def get_config(variant: str | None = None):
     config.train.image_every_steps = 5_000
     config.train.checkpoint_every_steps = 5_000
     config.eval.batch_size = 64
-    return configlib.variant(config, variant)
+    if common.check_variant(variant) == "tiny":
+        common.tiny_slot_autoencoder(config)
+    return config

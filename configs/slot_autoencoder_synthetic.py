@@ -6,12 +6,12 @@ Sized for 2 CPU cores (a few tenths of a second per step): 32x32 images with 2-3
 strides 2, 2 (8 * 4 = 32). Watch the `reconstruction` images (masks) and the
 `ari` / `fg_ari` scalars in TensorBoard (`tensorboard --logdir=WORKDIR`).
 """
-from fixed_slots import configlib
+from configs import common
 
 
 def get_config(variant: str | None = None):
     """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
-    config = configlib.slot_autoencoder_base()
+    config = common.slot_autoencoder_base()
     config.grad = "neumann1"
 
     config.data.name = "synthetic"
@@ -32,7 +32,6 @@ def get_config(variant: str | None = None):
     config.slot_attention.mlp_hidden_size = 128
 
     config.optim.main_lr = 4e-4
-    config.optim.dvae_lr = 4e-4
     config.optim.warmup_steps = 500
     config.optim.decay = "none"  # too short a run for the 100k-step halving
 
@@ -43,4 +42,7 @@ def get_config(variant: str | None = None):
     config.train.jacobian_every_steps = 250
     config.train.checkpoint_every_steps = 1_000
     config.eval.batch_size = 16
-    return configlib.variant(config, variant)
+    if common.check_variant(variant) == "tiny":
+        common.tiny_synthetic_data(config, min_objects=1, max_objects=2)
+        common.tiny_slot_autoencoder(config)
+    return config

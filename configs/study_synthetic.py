@@ -10,11 +10,12 @@ study at the paper's scale (CLEVR-Mirror, GPU) is
 
   python main.py --config=configs/study_synthetic.py --config.grad=unroll --workdir=W
 """
-from fixed_slots import configlib
+from configs import common
 
 
-def get_config():
-    config = configlib.slate_base()
+def get_config(variant: str | None = None):
+    """This experiment; `variant="tiny"` (`--config=FILE:tiny`) is it at test sizes."""
+    config = common.slate_base()
     config.grad = "neumann1"
 
     config.data.name = "synthetic"
@@ -52,4 +53,7 @@ def get_config():
     config.train.checkpoint_every_steps = 1_000
     config.eval.batch_size = 32
     config.eval.num_batches = 4
+    if common.check_variant(variant) == "tiny":
+        common.tiny_synthetic_data(config, min_objects=2, max_objects=2)
+        common.tiny_slate(config)
     return config

@@ -90,6 +90,20 @@ def check_config_flags(argv: Sequence[str], default_config: str) -> None:
                 raise UserError(message)
 
 
+def show_config(config) -> None:
+    """Prints the config with the allowed values of its choice keys, then checks it: a bad
+    value is named below the listing (ConfigError)."""
+    from fixed_slots import configlib, models
+    from fixed_slots.data import pipeline
+    from fixed_slots.eval import evaluate
+    from fixed_slots.train import optim, trainer
+
+    choices = {**models.choices(config), **pipeline.CHOICES, **optim.CHOICES}
+    print(configlib.describe(config, choices))
+    trainer.check_config(config)
+    evaluate.check_config(config)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     from absl import flags
     from absl import logging

@@ -60,5 +60,6 @@ def load(config: ml_collections.ConfigDict | str, workdir: str, *, step: int | N
     main.py's --config), with the params of its latest good checkpoint (or of `step`)."""
     if isinstance(config, str):
         config = configlib.from_file(config)
+    models.check_config(config)
     graphdef, params, _ = restore_params(config, workdir, step=step)
     return nnx.merge(graphdef, params)

@@ -1,12 +1,21 @@
-"""configlib.from_file, override (the --set KEY=VALUE flags of the scripts), training_only."""
+"""configlib: from_file, override (the --set KEY=VALUE flags of the scripts), the checks; the
+config files' own variants; the trainer's training_only."""
+import math
+
 import pytest
 
 from fixed_slots import configlib
+from fixed_slots.errors import ConfigError
+from fixed_slots.train.trainer import check_config, training_only
 from helpers import ROOT, load_config
 
 
+def slate():
+    return load_config("slate_clevr")
+
+
 def test_override_applies_typed_literals_to_a_copy():
-    base = configlib.slate_base()
+    base = slate()
     config = configlib.override(base, [
         "slate.dvae_hidden=8", "slate.attention_impl=cudnn", "optim.main_lr=1e-3",
         "train.num_devices=2", "slate.hard=True", "data.crop='center'"])
@@ -28,7 +37,7 @@ def test_override_applies_typed_literals_to_a_copy():
 ])
 def test_override_names_the_bad_assignment(assignment, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        configlib.override(configlib.slate_base(), [assignment])
+        configlib.override(slate(), [assignment])
 
 
 @pytest.mark.parametrize("assignments, message", [
@@ -37,11 +46,11 @@ def test_override_names_the_bad_assignment(assignment, message):
 ])
 def test_cudnn_attention_without_its_requirements_is_refused(assignments, message):
     with pytest.raises(ValueError, match=message):
-        configlib.validate(configlib.override(configlib.slate_base(), assignments))
+        check_config(configlib.override(slate(), assignments))
 
 
 def test_cudnn_attention_with_bf16_and_no_probability_dropout_validates():
-    configlib.validate(configlib.override(configlib.slate_base(), [
+    check_config(configlib.override(slate(), [
         "slate.attention_impl=cudnn", "train.compute_dtype=bfloat16",
         "slate.attn_prob_dropout=False", "train.num_devices=1"]))
 
@@ -53,8 +62,8 @@ def test_from_file_loads_a_config_file_with_overrides():
 
 
 def test_training_only_turns_off_summaries_and_keeps_the_base():
-    base = configlib.slate_base()
-    config = configlib.training_only(base, steps=300, log_every=50)
+    base = slate()
+    config = training_only(base, steps=300, log_every=50)
     assert (config.train.num_steps, config.train.log_every_steps,
             config.train.checkpoint_every_steps) == (300, 50, 300)
     assert config.train.image_every_steps == 0 and config.train.jacobian_every_steps == 0
@@ -67,3 +76,39 @@ def test_slate_crops_follow_the_authors_loaders():
     assert load_config("slate_shapestacks").data.crop == "none"
     assert load_config("slate_coco").data.crop == "center"
     assert load_config("slot_autoencoder_clevr").data.crop == "clevr"  # Locatello et al.
+
+
+@pytest.mark.parametrize("key, value", [("optim.main_lr", math.inf), ("optim.dvae_lr", math.nan),
+                                        ("slot_attention.epsilon", -math.inf)])
+def test_non_finite_numbers_are_refused_anywhere(key, value):
+    config = configlib.override(slate(), ["train.num_devices=1"])
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=r"expected a finite number"):
+        check_config(config)
+
+
+def test_tiny_is_each_configs_own_variant_and_keeps_typed_placeholders():
+    """:tiny is built by the config file itself, so keys whose default is None (placeholders)
+    still take a value of their type, as on the full config."""
+    for name in ("default:tiny", "slate_clevr:tiny", "slot_autoencoder_synthetic:tiny"):
+        config = load_config(name)
+        config.data.data_dir = "/data"
+        config.train.num_devices = 2
+        config.eval.inception_weights = "w.npz"
+        with pytest.raises(TypeError):
+            config.train.num_devices = "two"
+    with pytest.raises(ConfigError, match="unknown config variant 'huge'"):
+        load_config("default:huge")
+
+
+def test_configlib_checks_name_the_key():
+    config = slate()
+    with pytest.raises(ConfigError, match=r"config.slate.dropout=1.5 is invalid: expected"):
+        check_config(configlib.override(config, ["slate.dropout=1.5", "train.num_devices=1"]))
+    with pytest.raises(ConfigError, match=r"config.data.crop='middle' is invalid: expected one "
+                                          r"of 'center', 'none', 'clevr'"):
+        check_config(configlib.override(config, ["data.crop=middle", "train.num_devices=1"]))
+    with pytest.raises(ConfigError, match=r"config.seed=4294967296 is invalid"):
+        check_config(configlib.override(config, [f"seed={2 ** 32}", "train.num_devices=1"]))
+    assert math.isfinite(config.optim.main_lr)

@@ -15,6 +15,8 @@ _DOTTED = re.compile(r"fixed_slots(\.\w+)+")
 RULES = {
     # The reusable layer: JAX only, nothing else of ours.
     "fixed_slots.fixed_point": (("fixed_slots.",), ("fixed_slots.fixed_point",)),
+    # Config mechanics: below everything that owns a config section (each owner checks its own).
+    "fixed_slots.configlib": (("fixed_slots.",), ("fixed_slots.configlib", "fixed_slots.errors")),
     "fixed_slots.data": (("fixed_slots.modules", "fixed_slots.models", "fixed_slots.train",
                           "fixed_slots.eval", "fixed_slots.visualize", "fixed_slots.trained",
                           "fixed_slots.experiments"), ()),

@@ -31,16 +31,20 @@ def params():
     return {"dvae": {"w": jnp.ones(3)}, "decoder": {"w": jnp.ones(3)}}
 
 
+def group_of(path):
+    return "dvae" if path[0] == "dvae" else "main"
+
+
 def first_updates(config, grads_value=2.0, **update_kw):
     p = params()
-    tx = make_optimizer(config, p)
+    tx = make_optimizer(config, param_labels(p, group_of))
     grads = jax.tree.map(lambda x: jnp.full_like(x, grads_value), p)
     updates, _ = tx.update(grads, tx.init(p), p, **update_kw)
     return updates
 
 
-def test_labels_split_dvae_from_the_rest_on_dicts_and_nnx_state():
-    assert param_labels(params()) == {"dvae": {"w": "dvae"}, "decoder": {"w": "main"}}
+def test_labels_come_from_the_models_groups_on_dicts_and_nnx_state():
+    assert param_labels(params(), group_of) == {"dvae": {"w": "dvae"}, "decoder": {"w": "main"}}
 
     class Model(nnx.Module):
         def __init__(self, rngs):
@@ -48,12 +52,12 @@ def test_labels_split_dvae_from_the_rest_on_dicts_and_nnx_state():
             self.decoder = nnx.Linear(3, 2, rngs=rngs)
 
     _, state = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
-    flat = dict(jax.tree_util.tree_flatten_with_path(param_labels(state))[0])
+    flat = dict(jax.tree_util.tree_flatten_with_path(param_labels(state, group_of))[0])
     by_module = {jax.tree_util.keystr(path[:1]): label for path, label in flat.items()}
     assert by_module == {"['dvae']": "dvae", "['decoder']": "main"}
     assert len(flat) == 4
-    # The optimizer accepts the nnx.State directly, a labels pytree, or a labels function.
-    for labels in (state, param_labels(state), param_labels):
+    # The optimizer accepts a labels pytree or a labels function.
+    for labels in (param_labels(state, group_of), lambda tree: param_labels(tree, group_of)):
         tx = make_optimizer(optim_config(use_warmup=False), labels)
         updates, _ = tx.update(jax.tree.map(jnp.ones_like, state), tx.init(state), state)
         np.testing.assert_allclose(updates["dvae"]["kernel"][...], -3e-4, rtol=1e-4)
@@ -89,7 +93,8 @@ def test_exponential_decay_half_life_on_both_groups():
 
 def test_single_group_model_has_an_empty_dvae_group():
     p = {"encoder": {"w": jnp.ones(2)}, "slot_attention": {"mu": jnp.ones(4)}}
-    tx = make_optimizer(optim_config(use_warmup=False, clip="global_norm"), p)
+    tx = make_optimizer(optim_config(use_warmup=False, clip="global_norm"),
+                        param_labels(p, lambda path: "main"))
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
     for leaf in jax.tree.leaves(updates):
         np.testing.assert_allclose(leaf, -1e-4, rtol=1e-4)
@@ -116,7 +121,7 @@ def test_clipping_in_the_chain_and_off_leaves_grads_unchanged():
     grads = {"dvae": {"w": jnp.array([3.0, -4.0, 0.5])}, "decoder": {"w": jnp.array([0., 1., 2.])}}
 
     def effective_grads(**kw):
-        tx = make_optimizer(optim_config(**base, **kw), p)
+        tx = make_optimizer(optim_config(**base, **kw), param_labels(p, group_of))
         updates, _ = tx.update(grads, tx.init(p), p)
         return jax.tree.map(lambda u: -u * 1e6, updates)  # |g| << eps: update ~ -g / eps
 
@@ -132,7 +137,7 @@ def test_clipping_in_the_chain_and_off_leaves_grads_unchanged():
 def test_plateau_halves_after_patience_windows_of_no_improvement():
     c = optim_config(decay="plateau", plateau_patience=2, use_warmup=False)
     p = params()
-    tx = make_optimizer(c, p)
+    tx = make_optimizer(c, param_labels(p, group_of))
     state = tx.init(p)
     assert learning_rates(c, 0, opt_state=state) == pytest.approx({"dvae": 3e-4, "main": 1e-4})
     grads = jax.tree.map(jnp.ones_like, p)
@@ -146,13 +151,13 @@ def test_plateau_halves_after_patience_windows_of_no_improvement():
     assert learning_rates(c, 0, opt_state=state)["dvae"] == pytest.approx(3e-4 / 4)
     np.testing.assert_allclose(updates["dvae"]["w"], -3e-4 / 4, rtol=1e-3)
     with pytest.raises(TypeError, match="value"):
-        make_optimizer(c, p).update(grads, state, p)  # the monitored loss is required
+        make_optimizer(c, param_labels(p, group_of)).update(grads, state, p)  # the monitored loss is required
 
 
 def test_plateau_accumulates_windows():
     c = optim_config(decay="plateau", plateau_patience=1, plateau_accumulation_steps=3)
     p = params()
-    tx = make_optimizer(c, p)
+    tx = make_optimizer(c, param_labels(p, group_of))
     state = tx.init(p)
     grads = jax.tree.map(jnp.ones_like, p)
     scales = []
@@ -165,7 +170,7 @@ def test_plateau_accumulates_windows():
 @pytest.mark.parametrize("key,value", [("clip", "l3"), ("decay", "cosine")])
 def test_unknown_values_raise(key, value):
     with pytest.raises(ValueError, match=f"config.optim.{key}"):
-        make_optimizer(optim_config(**{key: value}), params())
+        make_optimizer(optim_config(**{key: value}), param_labels(params(), group_of))
 
 
 def _official_warmup(step, start_value, final_value, start_step, final_step):

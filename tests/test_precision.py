@@ -17,7 +17,7 @@ from flax import nnx
 
 from fixed_slots import models
 from fixed_slots.modules.dvae import DVAE
-from tests.helpers import load_config, synthetic_scenes
+from helpers import load_config, synthetic_scenes
 
 TOLERANCE = 1e-5  # relative, per parameter leaf
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fixed_slots import configlib, models
+from fixed_slots import models
+from fixed_slots.train.trainer import check_config
 from fixed_slots.data.sources import CLEVR_TARGET_LAYOUT
 from fixed_slots.data.synthetic import SYNTHETIC_TARGET_LAYOUT, properties_to_target
 from fixed_slots.eval.evaluate import ap_layout
@@ -112,14 +113,13 @@ def test_layouts_and_clear_errors():
     clevr = PropertyLayout.from_target_layout(CLEVR_TARGET_LAYOUT)
     assert clevr.position_dims == 3 and clevr.dim == CLEVR_TARGET_LAYOUT.dim - 1
     assert [n for n, _ in clevr.categorical_groups] == ["shape", "color", "size", "material"]
-    auto = load_config("set_prediction_synthetic:tiny")
-    auto.set_prediction.layout = "auto"
-    assert set_prediction.layout_name(auto) == "synthetic"
-    auto.data.name = "clevr_with_masks"
-    assert set_prediction.layout_name(auto) == "clevr"
-    config.set_prediction.layout = "clevr"
-    with pytest.raises(ValueError, match="does not match config.data.name='synthetic'"):
-        models.create(config, rngs=nnx.Rngs(0))
+    # The data declares its target layout; a dataset without object properties is refused.
+    other = load_config("set_prediction_synthetic:tiny")
+    other.data.name = "clevr_with_masks"
+    assert set_prediction.data_layout(other) == CLEVR_TARGET_LAYOUT
+    other.data.name = "coco"
+    with pytest.raises(ValueError, match="a dataset with per-object properties"):
+        models.create(other, rngs=nnx.Rngs(0))
     batch = synthetic_batch(load_config("set_prediction_synthetic:tiny"))
     with pytest.raises(ValueError, match=r"expects images \[batch, 16, 16, 3\]"):
         model(dict(batch, image=jnp.zeros((4, 32, 32, 3))), jax.random.key(0), jnp.int32(0))
@@ -133,7 +133,7 @@ def test_layouts_and_clear_errors():
                                   "set_prediction_synthetic:tiny"])
 def test_configs_validate_and_build(name):
     config = load_config(name)
-    configlib.validate(config)
+    check_config(config)
     assert config.model.name == "set_prediction"
     model = nnx.eval_shape(lambda: models.create(config, rngs=nnx.Rngs(0)))
     assert model.layout.dim == set_prediction.data_layout(config).dim

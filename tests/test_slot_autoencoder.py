@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fixed_slots import configlib, models
+from fixed_slots import models
+from fixed_slots.train.trainer import check_config
 from helpers import adam_losses, load_config, synthetic_scenes
 
 GRAD_MODES = ["unroll", "neumann1", "implicit", "BB"]
@@ -103,7 +104,7 @@ def test_bad_image_size_and_decoder_config_are_clear_errors():
                                   "slot_autoencoder_synthetic:tiny"])
 def test_configs_validate_and_build(name):
     config = load_config(name)
-    configlib.validate(config)
+    check_config(config)
     assert config.model.name == "slot_autoencoder"
     model = nnx.eval_shape(lambda: models.create(config, rngs=nnx.Rngs(0)))
     h = config.data.image_size

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from fixed_slots import sharding
-from fixed_slots.train.optim import learning_rates, make_optimizer, plateau_scale
+from fixed_slots.models.slate import Slate
+from fixed_slots.train.optim import learning_rates, make_optimizer, param_labels, plateau_scale
 from fixed_slots.train.state import (
     TrainState,
     build,
@@ -67,7 +68,7 @@ def test_state_crossing_jit_is_plain_arrays_and_lr_scale_scales_both_groups():
     rates = learning_rates(config.optim, 0, lr_scale=half.lr_scale)
     assert rates == pytest.approx({"dvae": config.optim.dvae_lr * 0.5,
                                    "main": config.optim.main_lr * 0.5})
-    tx = make_optimizer(config.optim, state.params)
+    tx = make_optimizer(config.optim, param_labels(state.params, Slate.learning_rate_group))
     with pytest.raises(TypeError, match="lr_scale"):
         tx.update(state.params, tx.init(state.params), state.params)
 
@@ -115,7 +116,8 @@ def params_tree():
 def test_flat_optimizer_equals_the_per_leaf_one(optim):
     config = optim_config(**optim)
     params = params_tree()
-    flat, per_leaf = make_optimizer(config, params), make_optimizer(config, params, flat=False)
+    labels = param_labels(params, Slate.learning_rate_group)
+    flat, per_leaf = make_optimizer(config, labels), make_optimizer(config, labels, flat=False)
     states = {"flat": flat.init(params), "per_leaf": per_leaf.init(params)}
     # a few flat buffers instead of one moment pair per leaf
     assert len(jax.tree.leaves(states["flat"])) < len(jax.tree.leaves(states["per_leaf"]))
@@ -150,7 +152,9 @@ def test_flat_optimizer_accepts_nnx_state_labels_for_pure_dict_params():
     model = Model(nnx.Rngs(0))
     _, state = nnx.split(model, nnx.Param)
     _, pure = split_params(model)
-    tx = make_optimizer(optim_config(use_warmup=False), state)  # labelled from the nnx.State
+    # labelled from the nnx.State (its leaves sit under `.value`), applied to the pure dict
+    tx = make_optimizer(optim_config(use_warmup=False),
+                        param_labels(state, Slate.learning_rate_group))
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, pure), tx.init(pure), pure)
     np.testing.assert_allclose(updates["dvae"]["kernel"], -3e-4, rtol=1e-4)
     np.testing.assert_allclose(updates["decoder"]["bias"], -1e-4, rtol=1e-4)
@@ -163,6 +167,7 @@ def test_train_state_create_from_nnx_state_is_pure():
 
     config = tiny_config()
     _, params = nnx.split(models.create(config, rngs=nnx.Rngs(0)), nnx.Param)
-    state = TrainState.create(params, make_optimizer(config.optim, params))
+    labels = param_labels(params, Slate.learning_rate_group)
+    state = TrainState.create(params, make_optimizer(config.optim, labels))
     assert isinstance(state.params, dict)
     assert not any(is_variable(x) for x in jax.tree.leaves(state, is_leaf=is_variable))

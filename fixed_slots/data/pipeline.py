@@ -45,9 +45,10 @@ import jax
 import numpy as np
 from absl import flags
 
+from fixed_slots import configlib
 from fixed_slots.data import sources
 from fixed_slots.data.sampler import ProcessSliceSampler
-from fixed_slots.data.synthetic import TargetLayout, properties_to_target
+from fixed_slots.data.synthetic import SCENE_STYLES, TargetLayout, properties_to_target
 from fixed_slots.errors import ConfigError, DataError
 
 CROP_MODES = ("center", "none", "clevr")
@@ -87,7 +88,7 @@ def preprocess_example(
     example: dict[str, Any],
     *,
     image_size: int,
-    crop: str = "center",
+    crop: str,
     target_layout: TargetLayout | None = None,
 ) -> dict[str, np.ndarray]:
     """Crop, resize and convert one source record (see the module docstring)."""
@@ -114,6 +115,37 @@ def check_preprocess_options(image_size: int, crop: str) -> None:
         )
     if int(image_size) < 1:
         raise ConfigError(f"config.data.image_size={image_size} must be a positive integer")
+
+
+CHOICES = {"data.name": sources.DATASETS, "data.crop": CROP_MODES,
+           "data.synthetic_style": tuple(SCENE_STYLES)}
+RANGES = {
+    "data.image_size": configlib.POSITIVE_INT,
+    "data.seed": configlib.SEED,
+    "data.num_train": configlib.POSITIVE_INT,
+    "data.num_eval": configlib.POSITIVE_INT,
+    "data.min_objects": configlib.POSITIVE_INT,
+    "data.max_objects": (lambda v: configlib.is_int(v) and 1 <= v <= 255,
+                         "an integer in [1, 255] (ids in a uint8 mask)"),
+    "data.num_workers": (lambda v: configlib.is_int(v) and v >= 0,
+                         "an integer >= 0 (0: in-process)"),
+    "data.max_visible_objects": configlib.OPTIONAL_POSITIVE_INT,
+}
+
+
+def check_config(config: Any) -> None:
+    """The config.data section (ConfigError naming the key), before any data is opened."""
+    configlib.check_choices(config, CHOICES)
+    configlib.check_ranges(config, RANGES)
+    data = config.data
+    if data.min_objects > data.max_objects:
+        raise configlib.bad_value("data.min_objects", data.min_objects,
+                                  f"at most data.max_objects={data.max_objects}")
+    if data.max_visible_objects is not None and data.name not in _DATASETS_WITH_VISIBLE:
+        raise ConfigError(
+            f"config.data.max_visible_objects needs per-object 'visible' flags, which "
+            f"dataset {data.name!r} has not (only {_DATASETS_WITH_VISIBLE})"
+        )
 
 
 class Preprocess(grain.MapTransform):
@@ -235,21 +267,11 @@ def make_loader(
             f"(JAX processes), {shard_count}"
         )
     per_host_batch = global_batch_size // shard_count
+    check_config(config)  # config mistakes before any data is opened
     data = config.data
-    num_workers = int(data.get("num_workers", 0))
-    if num_workers < 0:
-        raise ConfigError(f"config.data.num_workers={num_workers} must be >= 0 (0: in-process)")
-    max_visible = data.get("max_visible_objects")
-    if max_visible is not None:
-        if int(max_visible) < 1:
-            raise ConfigError(f"config.data.max_visible_objects={max_visible} must be >= 1")
-        if data.name not in _DATASETS_WITH_VISIBLE:
-            raise ConfigError(
-                f"config.data.max_visible_objects needs per-object 'visible' flags, which "
-                f"dataset {data.name!r} has not (only {_DATASETS_WITH_VISIBLE})"
-            )
-    image_size, crop = int(data.image_size), str(data.get("crop", "center"))
-    check_preprocess_options(image_size, crop)  # config mistakes before any data is opened
+    num_workers = int(data.num_workers)
+    max_visible = data.max_visible_objects
+    image_size, crop = int(data.image_size), str(data.crop)
     source = sources.get_source(data, split)
     # Checked before the loader (and its worker processes) is built.
     batches_per_epoch = len(source) // shard_count // per_host_batch
@@ -270,7 +292,7 @@ def make_loader(
         num_epochs=num_epochs,
         seed=int(seed),
     )
-    operations = [Preprocess(image_size, crop, sources.target_layout(source))]
+    operations = [Preprocess(image_size, crop, sources.target_layout(data))]
     if max_visible is not None:
         # Filtering makes batches_per_epoch an upper bound; the stream itself stays exact.
         where = f"dataset {data.name!r} split {sources.canonical_split(split)!r}"

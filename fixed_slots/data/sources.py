@@ -48,7 +48,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fixed_slots.data.synthetic import SCENE_STYLES, SyntheticScenes, TargetLayout
+from fixed_slots.data.synthetic import (
+    SCENE_STYLES,
+    SYNTHETIC_TARGET_LAYOUT,
+    SyntheticScenes,
+    TargetLayout,
+)
 from fixed_slots.errors import ConfigError, DataError
 
 DATASETS = ("synthetic", "clevr_mirror", "shapestacks", "coco", "clevr_with_masks")
@@ -75,7 +80,10 @@ CLEVR_TARGET_LAYOUT = TargetLayout(
     num_colors=len(CLEVR_COLORS),
     num_sizes=len(CLEVR_SIZES),
     num_materials=len(CLEVR_MATERIALS),
+    position_scale=2.0 * CLEVR_COORD_RANGE,
 )
+# Datasets with per-object properties -> the layout of their set-prediction target vectors.
+TARGET_LAYOUTS = {"synthetic": SYNTHETIC_TARGET_LAYOUT, "clevr_with_masks": CLEVR_TARGET_LAYOUT}
 # COCO-2017 has at most 93 annotations per image; masks store ids in uint8.
 COCO_MAX_INSTANCES = 100
 
@@ -256,7 +264,6 @@ class TfdsSource:
                 f"{self.builder_dir}: {type(e).__name__}: {_first_line(e)}\n"
                 f"rebuild it with: {rebuild}"
             ) from e
-        self.target_layout = CLEVR_TARGET_LAYOUT if name == "clevr_with_masks" else None
 
     def __len__(self) -> int:
         return self._length
@@ -372,7 +379,7 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
                 f"config.data.min_objects={low}, max_objects={high}: synthetic scenes need "
                 f"1 <= min_objects <= max_objects <= 255 (ids in a uint8 mask)"
             )
-        style = str(config_data.get("synthetic_style", "classic"))
+        style = str(config_data.synthetic_style)
         if style not in SCENE_STYLES:
             raise ConfigError(f"config.data.synthetic_style={style!r} is not a scene style; "
                               f"expected one of {tuple(SCENE_STYLES)}")
@@ -402,6 +409,7 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def target_layout(source: Any) -> TargetLayout | None:
-    """The set-prediction target layout of a source, None when it has no object properties."""
-    return getattr(source, "target_layout", None)
+def target_layout(config_data: Any) -> TargetLayout | None:
+    """The layout of the set-prediction targets of `config.data`'s dataset (the pipeline builds
+    batch["target"] in it), None when the dataset has no per-object properties."""
+    return TARGET_LAYOUTS.get(config_data.name)

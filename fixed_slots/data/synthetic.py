@@ -137,6 +137,8 @@ class TargetLayout:
 
     Order: position | shape one-hot | color one-hot | size one-hot | material one-hot | visible.
     `num_materials = 0` drops the material block (the synthetic scenes have none).
+    `position_scale` turns differences of the stored positions into the scene units that the
+    set-prediction AP thresholds (1, 0.5, 0.25, 0.125) are in.
     """
 
     position_dims: int
@@ -144,6 +146,7 @@ class TargetLayout:
     num_colors: int
     num_sizes: int
     num_materials: int = 0
+    position_scale: float = 1.0
 
     def _bounds(self) -> dict[str, slice]:
         widths = [
@@ -200,8 +203,11 @@ class TargetLayout:
 
 
 # Synthetic scenes: 2 (y, x) + 5 shapes + 8 colours + 2 sizes + 1 visible = 18 floats.
+# Positions (y, x) in [0, 1]: the image side spans 6 units, as CLEVR's [-3, 3] scene, so the AP
+# thresholds are as strict as there.
 SYNTHETIC_TARGET_LAYOUT = TargetLayout(
-    position_dims=2, num_shapes=len(SHAPES), num_colors=len(COLORS), num_sizes=len(SIZES)
+    position_dims=2, num_shapes=len(SHAPES), num_colors=len(COLORS), num_sizes=len(SIZES),
+    position_scale=6.0,
 )
 TARGET_POSITION = SYNTHETIC_TARGET_LAYOUT.position  # slice(0, 2)
 TARGET_SHAPE = SYNTHETIC_TARGET_LAYOUT.shape  # slice(2, 7)
@@ -425,8 +431,6 @@ class SyntheticScenes:
     Record `i` is `generate_scene(index_offset + i, seed=seed, ...)`: splits of the same seed use
     disjoint index ranges (see `fixed_slots.data.sources`).
     """
-
-    target_layout = SYNTHETIC_TARGET_LAYOUT
 
     def __init__(
         self,

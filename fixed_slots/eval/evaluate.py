@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fixed_slots import configlib, log, visualize
+from fixed_slots import configlib, log, models, visualize
+from fixed_slots.data import pipeline
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.errors import ConfigError
 from fixed_slots.eval.metrics import PropertyLayout, average_precisions
@@ -29,10 +30,26 @@ from fixed_slots import sharding
 from fixed_slots.trained import restore_params
 
 
+RANGES = {
+    "eval.num_batches": configlib.NON_NEGATIVE_INT,
+    "eval.batch_size": configlib.POSITIVE_INT,
+    "eval.num_images": configlib.POSITIVE_INT,
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """What an evaluation reads: the model's and the data's sections, and config.eval."""
+    configlib.check_finite(config)
+    models.check_config(config)
+    pipeline.check_config(config)
+    configlib.check_ranges(config, RANGES)
+    _check_inception_weights(config)
+
+
 def ap_layout(config: ml_collections.ConfigDict) -> PropertyLayout:
     """How AP reads the set predictor's target vectors under this config (in scene units)."""
-    layout, position_scale = set_prediction.LAYOUTS[set_prediction.layout_name(config)]
-    return PropertyLayout.from_target_layout(layout, position_scale)
+    layout = set_prediction.data_layout(config)
+    return PropertyLayout.from_target_layout(layout, layout.position_scale)
 
 
 class MissingInceptionWeightsError(ConfigError, FileNotFoundError):
@@ -68,8 +85,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     process would read), the model runs on the global arrays, and process 0 writes the files.
     """
     sharding.maybe_initialize_distributed()  # before validate, which counts devices
-    configlib.validate(config)
-    _check_inception_weights(config)  # before any work
+    check_config(config)  # before any work
     graphdef, params, step = restore_params(config, workdir)
     out_dir = os.path.join(workdir, "eval")
     primary = jax.process_index() == 0

@@ -12,6 +12,8 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
+from fixed_slots.errors import ConfigError
+from fixed_slots.models import common
 from fixed_slots.models.protocol import SlotModel
 
 Params = dict  # nested dict of jax.Array: a model's nnx.Param values (what checkpoints hold)
@@ -22,15 +24,33 @@ _REGISTRY = {
     "slot_autoencoder": ("fixed_slots.models.slot_autoencoder", "SlotAutoencoder"),
     "set_prediction": ("fixed_slots.models.set_prediction", "SetPredictor"),
 }
-# The valid values of config.model.name (configlib validates and lists them from here).
+# The valid values of config.model.name.
 NAMES = tuple(_REGISTRY)
 
 
 def get(name: str) -> type:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"config.model.name={name!r} is invalid: expected one of "
+                          f"{', '.join(repr(n) for n in _REGISTRY)}")
     module, cls = _REGISTRY[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The model's sections of `config`: model.name, grad, slot_attention, compute dtype, and
+    the model's own (e.g. config.slate), through the model's `check_config` (ConfigError)."""
+    model = get(config.model.name)
+    common.check_slot_attention_config(config)
+    model.check_config(config)
+
+
+def choices(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """Config key -> allowed values, for the keys the configured model reads."""
+    out = {"model.name": NAMES, **common.CHOICES}
+    if config.model.name in _REGISTRY:
+        out.update(getattr(importlib.import_module(_REGISTRY[config.model.name][0]),
+                           "CHOICES", {}))
+    return out
 
 
 def create(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> SlotModel:

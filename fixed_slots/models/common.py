@@ -8,13 +8,80 @@ import jax
 import ml_collections
 from flax import nnx
 
-from fixed_slots.fixed_point import FixedPointInfo, jacobian_spectral_norm
+from fixed_slots import configlib
+from fixed_slots.errors import ConfigError
+from fixed_slots.fixed_point import (
+    ADJOINT_SOLVERS,
+    FixedPointInfo,
+    jacobian_spectral_norm,
+    parse_grad_mode,
+)
+from fixed_slots.fixed_point.modes import VALID_GRAD_MODES
+from fixed_slots.fixed_point.options import ON_FAILURE
 from fixed_slots.models.protocol import FixedPointStep, SlotEncoding, SlotModel
 from fixed_slots.modules.norms import layer_norm
-from fixed_slots.modules.slot_attention import SlotAttention
+from fixed_slots.modules.slot_attention import SlotAttention, fixed_point_mode
 
 _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
+
+
+# "float32", or "bfloat16" for mixed precision (config.train.compute_dtype, read by every model).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# The keys every model shares: the gradient mode, slot attention and its fixed-point knobs.
+CHOICES = {
+    "grad": VALID_GRAD_MODES,
+    "train.compute_dtype": COMPUTE_DTYPES,
+    "slot_attention.fixed_point.adjoint_solver": ADJOINT_SOLVERS,
+    "slot_attention.fixed_point.adjoint_on_failure": ON_FAILURE,
+}
+RANGES = {
+    "slot_attention.num_slots": configlib.POSITIVE_INT,
+    "slot_attention.num_iterations": configlib.POSITIVE_INT,
+    "slot_attention.eval_num_iterations": (
+        lambda v: v is None or (configlib.is_int(v) and v >= 1),
+        "None (follow num_iterations) or a positive integer"),
+    "slot_attention.slot_size": configlib.POSITIVE_INT,
+    "slot_attention.mlp_hidden_size": configlib.POSITIVE_INT,
+    "slot_attention.num_heads": configlib.POSITIVE_INT,
+    "slot_attention.epsilon": configlib.POSITIVE,
+    "slot_attention.fixed_point.tol": configlib.OPTIONAL_POSITIVE,
+    "slot_attention.fixed_point.damping": configlib.UNIT_HALF_OPEN,
+    "slot_attention.fixed_point.anderson_memory": configlib.POSITIVE_INT,
+    "slot_attention.fixed_point.broyden_memory": configlib.POSITIVE_INT,
+    "slot_attention.fixed_point.adjoint_max_iter": configlib.OPTIONAL_POSITIVE_INT,
+    "slot_attention.fixed_point.adjoint_tol": configlib.OPTIONAL_POSITIVE,
+}
+
+
+def check_slot_attention_config(config: ml_collections.ConfigDict) -> None:
+    """config.grad, config.slot_attention and config.train.compute_dtype (ConfigError)."""
+    configlib.check_choices(config, {k: v for k, v in CHOICES.items() if k != "grad"})
+    configlib.check_ranges(config, RANGES)
+    try:
+        parse_grad_mode(config.grad)
+    except ValueError as e:
+        raise ConfigError(f"config.grad: {e}") from None
+    options = fixed_point_options(config)
+    try:
+        mode = fixed_point_mode(config.grad, options)
+        mode.layer_options(config.slot_attention.num_iterations,
+                           **{k: v for k, v in options.items() if k != "adjoint_solver"})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.grad={config.grad!r} with config.slot_attention.fixed_point: "
+                          f"{e}") from None
+    sa = config.slot_attention
+    if sa.slot_size % sa.num_heads:
+        raise configlib.bad_value("slot_attention.num_heads", sa.num_heads,
+                                  f"a divisor of slot_size={sa.slot_size}")
+
+
+def reports_adjoint(config: ml_collections.ConfigDict) -> bool:
+    """Whether config.grad solves or sums an adjoint in the backward pass (implicit, IB, BB,
+    seriesK, BN): the train step then hands the model a probe whose cotangent reports it."""
+    mode = fixed_point_mode(config.grad, fixed_point_options(config))
+    return mode.grad in ("implicit", "neumann")  # "neumann": the layer's series gradient
 
 
 def fixed_point_options(config: ml_collections.ConfigDict) -> dict:

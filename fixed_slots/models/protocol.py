@@ -63,7 +63,26 @@ FixedPointStep = tuple[Callable[..., Any], Any, tuple]
 
 @runtime_checkable
 class SlotModel(Protocol):
-    """What every model in `fixed_slots.models` provides (NNX modules; all methods jittable)."""
+    """What every model in `fixed_slots.models` provides (NNX modules; all methods jittable).
+
+    Besides the methods, a model class declares what the code driving it must not guess:
+    `progress_metrics` (names of `ModelOutput.metrics` shown on the console progress line),
+    `validation_metrics` (those the validation pass averages; the first is the loss the
+    learning-rate decay reads), `learning_rate_group(path) -> group` (the optimizer group, i.e.
+    the `config.optim.<group>_lr`, of the parameter at a path of names) and
+    `check_config(config)` (its config sections, raising ConfigError; run before building).
+    """
+
+    progress_metrics: tuple[str, ...]
+    validation_metrics: tuple[str, ...]
+
+    @staticmethod
+    def learning_rate_group(path: tuple[str, ...]) -> str:
+        """The optimizer group of the parameter at `path` (e.g. ("dvae", "encoder", ...))."""
+
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Raises ConfigError naming the key when the model's config sections are invalid."""
 
     def __call__(self, batch: Batch, key: jax.Array, step: jax.Array, *,
                  train: bool = True, adjoint_probe: jax.Array | None = None) -> ModelOutput:

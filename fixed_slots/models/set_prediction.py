@@ -13,8 +13,8 @@ objects) are all-zero targets and are matched like real ones, as in the official
 with fewer rows than slots are padded with zero rows so that every slot is matched.
 
 Average precision needs the host: `evaluate_batch` returns predictions, confidences (the last,
-"visible" entry) and targets (`SetPredictions`), and `fixed_slots.eval.evaluate` computes AP at
-the official thresholds in the units of `LAYOUTS`.
+"visible" entry) and targets (`SetPredictions`), and evaluation computes AP at the official
+thresholds in the units of the dataset's target layout (`fixed_slots.data.sources.target_layout`).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fixed_slots.data.sources import CLEVR_TARGET_LAYOUT
-from fixed_slots.data.synthetic import SYNTHETIC_TARGET_LAYOUT, TargetLayout
+from fixed_slots import configlib
+from fixed_slots.data import sources
+from fixed_slots.data.synthetic import TargetLayout
 from fixed_slots.models.losses import hungarian_huber_per_image
 from fixed_slots.models.protocol import (
     EvalBatch,
@@ -35,6 +36,7 @@ from fixed_slots.models.protocol import (
     SlotEncoding,
 )
 from fixed_slots.models.slot_autoencoder import (
+    check_encoder_config,
     check_image,
     cnn_slot_encoder_from_config,
     to_network_range,
@@ -42,42 +44,17 @@ from fixed_slots.models.slot_autoencoder import (
 
 _glorot = nnx.initializers.xavier_uniform()  # Keras Dense default
 
-# config.set_prediction.layout -> (layout of the target vectors, AP position scale).
-# CLEVR positions are (3d_coords + 3) / 6, so 6 turns distances back into scene units (the AP
-# thresholds 1, 0.5, 0.25, 0.125 are in those units, as in the reference). The synthetic (y, x)
-# in [0, 1] get the same scale: the image side spans 6 units, the thresholds are as strict.
-LAYOUTS: dict[str, tuple[TargetLayout, float]] = {
-    "clevr": (CLEVR_TARGET_LAYOUT, 6.0),
-    "synthetic": (SYNTHETIC_TARGET_LAYOUT, 6.0),
-}
-# config.data.name -> layout its targets have ("auto" resolves through this).
-DATASET_LAYOUTS = {"clevr_with_masks": "clevr", "synthetic": "synthetic"}
-
-
-def layout_name(config: ml_collections.ConfigDict) -> str:
-    """Resolved config.set_prediction.layout ("auto" -> from config.data.name); checked."""
-    name = config.set_prediction.get("layout", "auto")
-    data_name = config.data.name
-    if name == "auto":
-        if data_name not in DATASET_LAYOUTS:
-            raise ValueError(
-                f"config.set_prediction.layout='auto' cannot tell the target layout of "
-                f"config.data.name={data_name!r}: datasets with set-prediction targets are "
-                f"{sorted(DATASET_LAYOUTS)}; or set the layout to one of {sorted(LAYOUTS)}")
-        return DATASET_LAYOUTS[data_name]
-    if name not in LAYOUTS:
-        raise ValueError(f"config.set_prediction.layout={name!r} is invalid: expected 'auto' or "
-                         f"one of {sorted(LAYOUTS)}")
-    if data_name in DATASET_LAYOUTS and DATASET_LAYOUTS[data_name] != name:
-        raise ValueError(f"config.set_prediction.layout={name!r} does not match "
-                         f"config.data.name={data_name!r}, whose targets have the "
-                         f"{DATASET_LAYOUTS[data_name]!r} layout")
-    return name
+RANGES = {"set_prediction.mlp_hidden": configlib.POSITIVE_INT}
 
 
 def data_layout(config: ml_collections.ConfigDict) -> TargetLayout:
-    """TargetLayout of batch["target"]: position | shape | color | size | [material] | visible."""
-    return LAYOUTS[layout_name(config)][0]
+    """The layout of batch["target"], as config.data's dataset declares it (ConfigError if it
+    has no per-object properties)."""
+    layout = sources.target_layout(config.data)
+    if layout is None:
+        raise configlib.bad_value("data.name", config.data.name,
+                                  "a dataset with per-object properties for set prediction")
+    return layout
 
 
 def pad_objects(target: jax.Array, num_slots: int) -> jax.Array:
@@ -93,11 +70,24 @@ def pad_objects(target: jax.Array, num_slots: int) -> jax.Array:
 class SetPredictor(nnx.Module):
     """Set prediction. Images [B, H, W, 3] in [0, 1]; batch["target"] [B, K, D], K <= slots."""
 
+    progress_metrics = ("loss",)
+    validation_metrics = ("loss",)
+
+    @staticmethod
+    def learning_rate_group(path: tuple[str, ...]) -> str:
+        return "main"
+
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        """config.autoencoder's encoder, config.set_prediction, and targets in the data."""
+        check_encoder_config(config)
+        configlib.check_ranges(config, RANGES)
+        data_layout(config)
+
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.image_size = int(config.data.image_size)
         self.num_slots = int(config.slot_attention.num_slots)
-        self.layout_name = layout_name(config)
-        self.layout = LAYOUTS[self.layout_name][0]
+        self.layout = data_layout(config)
         hidden = int(config.set_prediction.mlp_hidden)
         self.encoder = cnn_slot_encoder_from_config(config, rngs=rngs)
         self.feature_resolution = self.encoder.cnn.out_resolution  # (h, w) of the attention
@@ -112,8 +102,7 @@ class SetPredictor(nnx.Module):
         if target.ndim != 3 or target.shape[-1] != self.layout.dim:
             raise ValueError(
                 f"SetPredictor expects batch['target'] [batch, objects, {self.layout.dim}] (the "
-                f"{self.layout_name!r} layout of config.set_prediction.layout), "
-                f"got {tuple(target.shape)}")
+                f"target layout of the dataset), got {tuple(target.shape)}")
 
     def predict(self, slots: jax.Array) -> jax.Array:
         """slots [B, S, D_slot] -> property predictions [B, S, D] in (0, 1)."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from fixed_slots import configlib
 from fixed_slots.models.common import SlotAttentionEncoder, slot_attention_from_config
 from fixed_slots.models.losses import mse_per_image
 from fixed_slots.models.protocol import (
@@ -28,14 +29,68 @@ from fixed_slots.modules.decoding import generate_tokens
 from fixed_slots.modules.dtypes import at_least_float32
 from fixed_slots.modules.dvae import DVAE, cosine_anneal, gumbel_max, gumbel_softmax
 from fixed_slots.modules.encoders import LearnedPositionEmbedding, TokenEmbedding
-from fixed_slots.modules.transformer import TransformerDecoder
+from fixed_slots.modules.transformer import ATTENTION_IMPLS, TransformerDecoder
 
 _xavier = nnx.initializers.xavier_uniform()
 BOS_ID = 0  # decoder-input id of BOS; token k is fed as id k + 1
 
 
+CHOICES = {"slate.attention_impl": tuple(i for i in ATTENTION_IMPLS if i is not None)}
+RANGES = {
+    "slate.vocab_size": (lambda v: configlib.is_int(v) and v >= 2, "an integer >= 2"),
+    "slate.d_model": configlib.POSITIVE_INT,
+    "slate.num_decoder_blocks": configlib.POSITIVE_INT,
+    "slate.num_decoder_heads": configlib.POSITIVE_INT,
+    "slate.dropout": configlib.UNIT_OPEN,
+    "slate.dvae_hidden": configlib.POSITIVE_INT,
+    "slate.tau_start": configlib.POSITIVE,
+    "slate.tau_final": configlib.POSITIVE,
+    "slate.tau_steps": configlib.NON_NEGATIVE_INT,
+}
+
+
 class Slate(nnx.Module):
     """SLATE. Images [B, H, W, 3] in [0, 1]; H, W multiples of 4."""
+
+    # What the trainer shows on the progress line, what the validation pass (the official
+    # learning-rate decay rule) averages, and the learning-rate groups of the parameters: the
+    # dVAE trains at optim.dvae_lr, everything else at optim.main_lr (the official two rates).
+    progress_metrics = ("loss", "cross_entropy")
+    validation_metrics = ("loss", "dvae_mse", "cross_entropy")
+
+    @staticmethod
+    def learning_rate_group(path: tuple[str, ...]) -> str:
+        return "dvae" if path[0] == "dvae" else "main"
+
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        """config.slate and what SLATE needs of the image size (ConfigError)."""
+        configlib.check_choices(config, CHOICES)
+        configlib.check_ranges(config, RANGES)
+        s = config.slate
+        if s.attention_impl == "cudnn":
+            # Fail here rather than on the GPU (float32) or silently fall back to the unfused
+            # path in training (dropout on the probabilities, which the fused kernel lacks).
+            if config.train.compute_dtype != "bfloat16":
+                raise configlib.bad_value(
+                    "slate.attention_impl", "cudnn",
+                    "'xla' or 'einsum' with float32 compute: cuDNN's fused attention is bf16/fp16 "
+                    "only (set train.compute_dtype='bfloat16')")
+            if s.attn_prob_dropout and s.dropout > 0:
+                raise configlib.bad_value(
+                    "slate.attention_impl", "cudnn",
+                    "'xla' or 'einsum' while slate.attn_prob_dropout=True: the fused kernel has "
+                    "no dropout on attention probabilities (set slate.attn_prob_dropout=False)")
+        if config.data.image_size % 4:
+            raise configlib.bad_value("data.image_size", config.data.image_size,
+                                      "a multiple of 4 (the dVAE downsamples 4x)")
+        if s.d_model % s.num_decoder_heads:
+            raise configlib.bad_value("slate.num_decoder_heads", s.num_decoder_heads,
+                                      f"a divisor of d_model={s.d_model}")
+        if s.tau_final > s.tau_start:
+            raise configlib.bad_value(
+                "slate.tau_final", s.tau_final,
+                f"at most slate.tau_start={s.tau_start} (the temperature anneals down)")
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         s = config.slate

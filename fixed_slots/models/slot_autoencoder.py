@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from fixed_slots import configlib
 from fixed_slots.fixed_point import FixedPointInfo
 from fixed_slots.models.common import slot_attention_from_config
 from fixed_slots.models.losses import mse_per_image
@@ -55,7 +56,7 @@ def from_network_range(x: jax.Array) -> jax.Array:
 
 def compute_dtype_of(config: ml_collections.ConfigDict) -> Any:
     """Flax `dtype` argument for the convolutions: None (float32) or the mixed-precision dtype."""
-    dtype = jnp.dtype(config.train.get("compute_dtype", "float32"))
+    dtype = jnp.dtype(config.train.compute_dtype)
     return None if dtype == jnp.float32 else dtype
 
 
@@ -91,12 +92,10 @@ class CNNSlotEncoder(nnx.Module):
 def cnn_slot_encoder_from_config(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
                                  ) -> CNNSlotEncoder:
     """Encoder sized by config.autoencoder.{encoder_channels, encoder_strides, kernel_size}."""
+    check_encoder_config(config)
     ae = config.autoencoder
     channels = tuple(int(c) for c in ae.encoder_channels)
     strides = tuple(int(s) for s in ae.encoder_strides)
-    if len(channels) != len(strides):
-        raise ValueError(f"config.autoencoder.encoder_channels {channels} and encoder_strides "
-                         f"{strides} must have the same length (one stride per conv)")
     size = int(config.data.image_size)
     # The official MLP after the CNN is Dense(64, relu) -> Dense(64): the CNN width both times.
     cnn = CNNEncoder((size, size), 3, channels, int(ae.kernel_size), strides,
@@ -106,10 +105,57 @@ def cnn_slot_encoder_from_config(config: ml_collections.ConfigDict, *, rngs: nnx
     return CNNSlotEncoder(cnn, sa)
 
 
+ENCODER_RANGES = {
+    "autoencoder.encoder_channels": configlib.POSITIVE_INTS,
+    "autoencoder.encoder_strides": configlib.POSITIVE_INTS,
+    "autoencoder.kernel_size": configlib.POSITIVE_INT,
+}
+DECODER_RANGES = {
+    "autoencoder.decoder_channels": configlib.POSITIVE_INTS,
+    "autoencoder.decoder_strides": configlib.POSITIVE_INTS,
+    "autoencoder.broadcast_size": configlib.POSITIVE_INT,
+}
+
+
+def check_encoder_config(config: ml_collections.ConfigDict) -> None:
+    """config.autoencoder's CNN encoder keys (ConfigError)."""
+    configlib.check_ranges(config, ENCODER_RANGES)
+    ae = config.autoencoder
+    if len(ae.encoder_channels) != len(ae.encoder_strides):
+        raise configlib.bad_value(
+            "autoencoder.encoder_strides", tuple(ae.encoder_strides),
+            f"one stride per conv of encoder_channels={tuple(ae.encoder_channels)}")
+
+
 class SlotAutoencoder(nnx.Module):
     """Object-discovery autoencoder. Images [B, H, W, 3] in [0, 1], H = config.data.image_size."""
 
+    progress_metrics = ("loss", "mse")
+    validation_metrics = ("loss", "mse")
+
+    @staticmethod
+    def learning_rate_group(path: tuple[str, ...]) -> str:
+        return "main"
+
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        """config.autoencoder (ConfigError)."""
+        check_encoder_config(config)
+        configlib.check_ranges(config, DECODER_RANGES)
+        ae = config.autoencoder
+        strides = tuple(ae.decoder_strides)
+        if ae.broadcast_size * math.prod(strides) != config.data.image_size:
+            raise configlib.bad_value(
+                "autoencoder.broadcast_size", ae.broadcast_size,
+                f"image_size / prod(decoder_strides) = {config.data.image_size} / "
+                f"{math.prod(strides)} (the decoder must draw config.data.image_size pixels)")
+        if len(ae.decoder_channels) != len(strides):
+            raise configlib.bad_value(
+                "autoencoder.decoder_strides", strides,
+                f"one stride per layer of decoder_channels={tuple(ae.decoder_channels)}")
+
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.check_config(config)
         ae = config.autoencoder
         self.image_size = int(config.data.image_size)
         self.num_slots = int(config.slot_attention.num_slots)
@@ -117,14 +163,6 @@ class SlotAutoencoder(nnx.Module):
         self.segmentation_metrics = bool(config.eval.segmentation_metrics)
         broadcast = int(ae.broadcast_size)
         strides = tuple(int(s) for s in ae.decoder_strides)
-        if broadcast * math.prod(strides) != self.image_size:
-            raise ValueError(
-                f"config.autoencoder.broadcast_size={broadcast} times the product of "
-                f"decoder_strides={strides} ({math.prod(strides)}) must equal "
-                f"config.data.image_size={self.image_size}")
-        if len(ae.decoder_channels) != len(strides):
-            raise ValueError(f"config.autoencoder.decoder_channels {tuple(ae.decoder_channels)} "
-                             f"and decoder_strides {strides} must have the same length")
         self.encoder = cnn_slot_encoder_from_config(config, rngs=rngs)
         self.decoder = SpatialBroadcastDecoder(
             config.slot_attention.slot_size, (self.image_size, self.image_size),

@@ -1,13 +1,15 @@
 """SLATE's optimiser as one optax transformation; every ablation of the paper's Fig. 5 is a switch.
 
-Keys under `config.optim` (see `configlib` for the defaults):
-  dvae_lr, main_lr      Adam learning rates of the two groups: params whose path has a component
-                        containing "dvae" (case-insensitive) vs everything else.
-  use_warmup,           linear warmup of the *main* group only:
+Keys under `config.optim` (defaults in configs/common.py):
+  <group>_lr            Adam learning rate of each parameter group; the model says which group
+                        each parameter is in (`SlotModel.learning_rate_group`). SLATE: `dvae_lr`
+                        for its dVAE and `main_lr` for the rest (the official two rates); the
+                        other models have `main_lr` only.
+  use_warmup,           linear warmup of the `main` group only:
   warmup_steps          lr * min(1, (step + 1) / warmup_steps), exactly the official
                         `linear_warmup` (it counts step + 1, so the first update is not wasted);
-                        the dVAE rate is never warmed up, as in the official code.
-                        warmup_steps <= 0 means no warmup.
+                        the other groups (SLATE's dVAE) are never warmed up, as in the official
+                        code. warmup_steps <= 0 means no warmup.
   decay                 "none";
                         "exponential": both groups * 0.5 ** (step / decay_half_life) from step 0
                           (Locatello et al.'s decay 0.5 per 100k steps is decay_half_life=100_000);
@@ -56,10 +58,42 @@ import numpy as np
 import optax
 from optax.contrib import ReduceLROnPlateauState
 
-DVAE, MAIN = "dvae", "main"
-GROUPS = (DVAE, MAIN)
+from fixed_slots import configlib
+from fixed_slots.errors import ConfigError
+
+MAIN = "main"  # the group that warms up
 DECAYS = ("none", "exponential", "plateau", "validation_plateau")
 CLIPS = ("none", "global_norm", "inf_norm")
+CHOICES = {"optim.decay": DECAYS, "optim.clip": CLIPS}
+RANGES = {
+    "optim.warmup_steps": configlib.NON_NEGATIVE_INT,
+    "optim.decay_half_life": configlib.POSITIVE,
+    "optim.plateau_patience": configlib.POSITIVE_INT,
+    "optim.plateau_factor": configlib.UNIT_EXCLUSIVE,
+    "optim.plateau_accumulation_steps": configlib.POSITIVE_INT,
+    "optim.validation_every_steps": configlib.OPTIONAL_POSITIVE_INT,
+    "optim.validation_batches": configlib.OPTIONAL_POSITIVE_INT,
+    "optim.clip_value": configlib.POSITIVE,
+    "optim.b1": configlib.UNIT_OPEN,
+    "optim.b2": configlib.UNIT_OPEN,
+    "optim.eps": configlib.POSITIVE,
+}
+
+
+def group_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The parameter groups config.optim defines: one per `<group>_lr` key, `main` among them."""
+    return tuple(key[:-len("_lr")] for key in config.keys() if key.endswith("_lr"))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The config.optim section of a full config (ConfigError naming the key)."""
+    configlib.check_choices(config, CHOICES)
+    configlib.check_ranges(config, RANGES)
+    groups = group_names(config.optim)
+    if MAIN not in groups:
+        raise ConfigError("config.optim has no main_lr: the learning rate of the main parameter "
+                          "group is required")
+    configlib.check_ranges(config, {f"optim.{g}_lr": configlib.POSITIVE for g in groups})
 
 
 def _flat_f32(tree: Any) -> jax.Array:
@@ -87,35 +121,22 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def param_labels(params: Any) -> Any:
-    """Same-structured labels: "dvae" where a path component contains `dvae`, else "main".
-
-    Works on plain nested dicts and on `nnx.State` (whose leaves sit under a `value` attribute).
-    """
+def param_labels(params: Any, group_of: Callable[[tuple[str, ...]], str]) -> Any:
+    """Same-structured labels: `group_of(path)` of each leaf, the path as names (a model's
+    `learning_rate_group`). Works on plain nested dicts and on `nnx.State`."""
 
     def label(path, _):
-        return DVAE if any(DVAE in _key_name(k).lower() for k in path) else MAIN
+        return group_of(_path_key(path))
 
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
-    if config.decay not in DECAYS:
-        raise ValueError(f"config.optim.decay={config.decay!r}: expected one of {DECAYS}")
-    if config.clip not in CLIPS:
-        raise ValueError(f"config.optim.clip={config.clip!r}: expected one of {CLIPS}")
-    if config.decay == "exponential" and not config.decay_half_life > 0:
-        raise ValueError(f"config.optim.decay_half_life={config.decay_half_life!r}: must be > 0 "
-                         f"for exponential decay")
-    if config.clip != "none" and not config.clip_value > 0:
-        raise ValueError(f"config.optim.clip_value={config.clip_value!r}: must be > 0")
-
-
 def schedule(config: ml_collections.ConfigDict, group: str) -> optax.Schedule:
     """The group's scheduled rate as a function of the update count (plateau scaling excluded)."""
-    if group not in GROUPS:
-        raise ValueError(f"unknown parameter group {group!r}: expected one of {GROUPS}")
-    base = config.dvae_lr if group == DVAE else config.main_lr
+    groups = group_names(config)
+    if group not in groups:
+        raise ValueError(f"unknown parameter group {group!r}: expected one of {groups}")
+    base = config[f"{group}_lr"]
     warmup = group == MAIN and config.use_warmup and config.warmup_steps > 0
 
     def rate(step):
@@ -151,7 +172,8 @@ def learning_rates(config: ml_collections.ConfigDict, step: int, *,
     scale = 1.0 if opt_state is None else plateau_scale(opt_state)
     if lr_scale is not None:
         scale *= float(lr_scale)
-    return {group: float(schedule(config, group)(step)) * scale for group in GROUPS}
+    return {group: float(schedule(config, group)(step)) * scale
+            for group in group_names(config)}
 
 
 def clip_by_inf_norm(max_norm: float) -> optax.GradientTransformation:
@@ -205,14 +227,15 @@ def _label_leaves(labels: Any, tree: Any) -> list[str]:
 class FlatGroups:
     """Ravels a params-shaped tree into {group: 1-D buffer} and back (static layout per tree)."""
 
-    def __init__(self, labels: Any):
+    def __init__(self, labels: Any, groups: tuple[str, ...]):
         self.labels = labels
+        self.groups = groups
 
     def ravel(self, tree: Any) -> dict[str, jax.Array]:
         leaves = jax.tree.leaves(tree)
         names = _label_leaves(self.labels, tree)
         out = {}
-        for group in GROUPS:
+        for group in self.groups:
             parts = [jnp.ravel(x) for x, g in zip(leaves, names) if g == group]
             out[group] = jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
         return out
@@ -220,7 +243,7 @@ class FlatGroups:
     def unravel(self, flat: dict[str, jax.Array], like: Any) -> Any:
         leaves, treedef = jax.tree.flatten(like)
         names = _label_leaves(self.labels, like)
-        offsets = {group: 0 for group in GROUPS}
+        offsets = {group: 0 for group in self.groups}
         out = []
         for x, g in zip(leaves, names):
             start, size = offsets[g], int(np.size(x))
@@ -229,20 +252,20 @@ class FlatGroups:
         return jax.tree.unflatten(treedef, out)
 
 
-def flat_by_group(inner: optax.GradientTransformation, labels: Any
+def flat_by_group(inner: optax.GradientTransformation, labels: Any, group_names: tuple[str, ...]
                   ) -> optax.GradientTransformationExtraArgs:
-    """Runs `inner` on {"dvae": buffer, "main": buffer} instead of the params tree.
+    """Runs `inner` on {group: buffer} (e.g. {"dvae": ..., "main": ...}) instead of the params.
 
     Like optax.flatten, with one buffer per parameter group so a per-group transformation
-    (optax.multi_transform keyed by group name) and a joint one (clipping over both) both apply.
+    (optax.multi_transform keyed by group name) and a joint one (clipping over all) both apply.
     """
     inner = optax.with_extra_args_support(inner)
-    groups = FlatGroups(_labels_arg(labels))
+    groups = FlatGroups(_labels_arg(labels, group_names), group_names)
 
     def init(params):
         for g in _label_leaves(groups.labels, params):
-            if g not in GROUPS:
-                raise ValueError(f"unknown parameter group label {g!r}: expected {GROUPS}")
+            if g not in group_names:
+                raise ValueError(f"unknown parameter group label {g!r}: expected {group_names}")
         return inner.init(groups.ravel(params))
 
     def update(updates, state, params=None, **extra):
@@ -253,35 +276,33 @@ def flat_by_group(inner: optax.GradientTransformation, labels: Any
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _labels_arg(labels: Any) -> Any:
-    """A labels function or pytree for optax.multi_transform, from what the caller gave."""
+def _labels_arg(labels: Any, groups: tuple[str, ...]) -> Any:
+    """A labels function or pytree for optax.multi_transform, checked against the groups."""
     if callable(labels):
         return labels
-    leaves = jax.tree.leaves(labels)
-    if leaves and all(isinstance(leaf, str) for leaf in leaves):
-        unknown = set(leaves) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"unknown parameter group labels {sorted(unknown)}: expected {GROUPS}")
-        return labels
-    return param_labels(labels)  # a params pytree: label it by path
+    unknown = set(jax.tree.leaves(labels)) - set(groups)
+    if unknown:
+        raise ValueError(f"unknown parameter group labels {sorted(unknown)}: the optimizer "
+                         f"config has {groups} (one <group>_lr key each)")
+    return labels
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   labels: Callable[[Any], Any] | Any = param_labels, *, flat: bool = True
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, labels: Callable[[Any], Any] | Any, *,
+                   flat: bool = True) -> optax.GradientTransformation:
     """clip (optional) -> Adam per group with its schedule -> plateau / lr_scale (optional).
 
-    `labels`: a function params -> labels pytree (default `param_labels`), a labels pytree of
-    "dvae"/"main", or the params pytree itself (labelled with `param_labels`).
+    `labels`: a labels pytree of group names shaped as the params (`param_labels(params,
+    model.learning_rate_group)`), or a function params -> such a pytree.
     With decay="plateau" the update needs `value=<loss>`:
     `tx.update(grads, opt_state, params, value=loss)`; with decay="validation_plateau",
     `lr_scale=<multiplier>`. `flat` (default): the chain runs on one buffer per group (module
     docstring); the updates come back shaped as the params either way.
     """
-    _check(config)
+    check_config(ml_collections.ConfigDict({"optim": config}))
+    groups = group_names(config)
     if flat:
-        return flat_by_group(_chain(config, {DVAE: DVAE, MAIN: MAIN}), labels)
-    return _chain(config, _labels_arg(labels))
+        return flat_by_group(_chain(config, {g: g for g in groups}), labels, groups)
+    return _chain(config, _labels_arg(labels, groups))
 
 
 def _chain(config: ml_collections.ConfigDict, labels: Any) -> optax.GradientTransformation:
@@ -291,7 +312,7 @@ def _chain(config: ml_collections.ConfigDict, labels: Any) -> optax.GradientTran
     elif config.clip == "inf_norm":
         chain.append(clip_by_inf_norm(config.clip_value))
     adam = {group: optax.adam(schedule(config, group), b1=config.b1, b2=config.b2, eps=config.eps)
-            for group in GROUPS}
+            for group in group_names(config)}
     chain.append(optax.multi_transform(adam, labels))
     # After Adam, scaling the update is scaling both groups' learning rates.
     if config.decay == "plateau":

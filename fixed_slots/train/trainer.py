@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fixed_slots import configlib, log
+from fixed_slots import configlib, log, models
 from fixed_slots.errors import ConfigError, UserError, WorkdirError
+from fixed_slots.data import pipeline
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots import visualize
 from fixed_slots import sharding
 from fixed_slots.train.checkpoint import Checkpointer
+from fixed_slots.train import optim
 from fixed_slots.train.optim import learning_rates
 from fixed_slots.train.plateau import ValidationPlateau
 from fixed_slots.train.state import TrainState, build, model_from_params, with_lr_scale
@@ -36,9 +38,49 @@ from fixed_slots.train.workdir import (
 from fixed_slots.train.writers import ProgressLine, create_writer
 
 
-# Shown on the console progress line when the model reports them (SLATE's main metric is its
-# cross-entropy; the autoencoder's, FG-ARI on data with masks).
-PROGRESS_METRICS = ("loss", "cross_entropy", "fg_ari")
+RANGES = {
+    "seed": configlib.SEED,
+    "train.batch_size": configlib.POSITIVE_INT,
+    "train.num_steps": configlib.POSITIVE_INT,
+    "train.log_every_steps": configlib.POSITIVE_INT,
+    "train.image_every_steps": configlib.NON_NEGATIVE_INT,
+    "train.jacobian_every_steps": configlib.NON_NEGATIVE_INT,
+    "train.checkpoint_every_steps": configlib.POSITIVE_INT,
+    "train.max_checkpoints_to_keep": configlib.OPTIONAL_POSITIVE_INT,
+    "train.num_devices": configlib.OPTIONAL_POSITIVE_INT,
+}
+
+
+def training_only(config: ml_collections.ConfigDict, steps: int, log_every: int
+                  ) -> ml_collections.ConfigDict:
+    """A copy that only trains for `steps` (no image or Jacobian summaries, one checkpoint at
+    the end): what the benchmarks time and compare."""
+    config = config.copy_and_resolve_references()
+    config.train.num_steps = steps
+    config.train.log_every_steps = log_every
+    config.train.checkpoint_every_steps = steps
+    config.train.image_every_steps = 0
+    config.train.jacobian_every_steps = 0
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every section a training run reads (ConfigError naming the key): the model's (through
+    the model), the data's, the optimiser's and the trainer's own."""
+    configlib.check_finite(config)
+    configlib.check_ranges(config, RANGES)
+    models.check_config(config)
+    pipeline.check_config(config)
+    optim.check_config(config)
+    # The device count decides how the batch splits.
+    devices = config.train.num_devices or jax.device_count()
+    if config.train.num_devices is not None and not 1 <= devices <= jax.device_count():
+        raise configlib.bad_value("train.num_devices", devices,
+                                  f"between 1 and the {jax.device_count()} devices present")
+    if config.train.batch_size % devices:
+        raise configlib.bad_value(
+            "train.batch_size", config.train.batch_size,
+            f"a multiple of the number of devices ({devices}; set config.train.num_devices)")
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -179,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Before anything touches a device (validate counts devices): jax.distributed.initialize
     # refuses to run once the backend exists.
     sharding.maybe_initialize_distributed()
-    configlib.validate(config)
+    check_config(config)
     config_flat = config_record(config)
     unknown = [k for k in accept_config_change if k not in config_flat]
     if unknown:
@@ -242,7 +284,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
     num_steps = config.train.num_steps
     progress = ProgressLine(num_steps, start_step=start_step,
                             every_steps=config.train.log_every_steps,
-                            show=PROGRESS_METRICS, quiet=jax.process_index() > 0)
+                            show=models.get(config.model.name).progress_metrics,
+                            quiet=jax.process_index() > 0)
     diagnostics = _Diagnostics(config, graphdef, mesh)
     stop = _StopFlag(coordinated=jax.process_count() > 1)
     accumulated, count, history = None, 0, []
@@ -324,11 +367,11 @@ class _Validation:
     def __init__(self, config, graphdef, mesh):
         self.config, self.mesh = config, mesh
         repl = sharding.replicated(mesh)
+        names = models.get(config.model.name).validation_metrics
 
         def losses(params, batch, key, step):
             out = model_from_params(graphdef, params)(batch, key, step, train=False)
-            return {"loss": out.loss, **{k: v for k, v in out.metrics.items()
-                                         if k in ("dvae_mse", "cross_entropy", "mse")}}
+            return {name: out.metrics[name] for name in names}
 
         self._losses = jax.jit(losses, out_shardings=repl)
 
