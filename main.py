@@ -1,20 +1,25 @@
 """Train, evaluate or show a config.
 
     python main.py --config=configs/default.py --workdir=/tmp/run            # train (resumes), evaluate
-    python main.py --config=configs/default.py --workdir=/tmp/run --mode=eval
+    python main.py --workdir=/tmp/run --mode=eval                # evaluate with the run's own config
     python main.py --config=configs/slate_clevr.py --mode=show_config        # keys, values, choices
 
 `--config=path:arg` picks a variant of a config file (e.g. `configs/default.py:tiny`), and
 `--config.KEY=VALUE` overrides any key. Mistakes in flags, config, data or workdir print one or
 two lines and exit with code 2; `--verbosity=0` (or `-v 0`) also shows the libraries' INFO logs.
 """
+import os
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
 from fixed_slots import cli
 
+# The default experiment, wherever main.py is run from.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Experiment config file (`path` or `path:variant`).",
+    "config", DEFAULT_CONFIG, "Experiment config file (`path` or `path:variant`).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and event files go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "show_config"],
@@ -36,18 +41,19 @@ def main(argv):
     if not _WORKDIR.value:
         raise cli.UserError(f"--workdir is required for --mode={_MODE.value}")
     if _MODE.value == "train":
-        from fixed_slots.train.trainer import train_and_evaluate
+        from fixed_slots.train.trainer import train
 
-        history = train_and_evaluate(config, _WORKDIR.value,
-                                     accept_config_change=_ACCEPT_CHANGE.value)
-        # Only a run that reached its last step: a stopped (preempted) run must exit promptly.
-        finished = bool(history) and history[-1]["step"] >= config.train.num_steps
-        if not (finished and config.train.evaluate_at_end):
-            return
-    from fixed_slots.eval.evaluate import evaluate
+        train(config, _WORKDIR.value, accept_config_change=_ACCEPT_CHANGE.value)
+        return
+    from fixed_slots import trained
 
-    evaluate(config, _WORKDIR.value)
+    # The run's stored config; a --config file given explicitly must agree with it, and
+    # --config.KEY flags may change only what is free to change (trained.FREE_TO_CHANGE).
+    if flags.FLAGS["config"].present:
+        trained.evaluate(_WORKDIR.value, config)
+    else:
+        trained.evaluate(_WORKDIR.value, overrides=cli.config_overrides(sys.argv))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, default_config=DEFAULT_CONFIG)

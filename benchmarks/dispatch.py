@@ -9,7 +9,7 @@ state as it crossed jit before issue 10 and as it does now:
                  Python on every call) and the per-leaf optimizer (an Adam moment pair per leaf);
   pure_per_leaf  params as a plain nested dict, still the per-leaf optimizer;
   pure           params as a plain nested dict and the optimizer over one flat buffer per
-                 parameter group (what `fixed_slots.train.state.build` makes);
+                 parameter group (what `fixed_slots.train.train_step.build` makes);
   flat_params    a what-if, trivial step only: params too as one buffer per group (the state
                  would be ~10 buffers; the model would unravel them inside the step). Not what
                  the trainer runs; it prices the remaining per-buffer cost.
@@ -133,7 +133,7 @@ def measure(config, variant: str, mesh, batch, calls: int, busy_steps: int, repe
         row["busy_enqueue_us"] = 1e6 * statistics.median(enqueue[1:] or enqueue)
         row["busy_thread_cpu_us"] = 1e6 * statistics.median(enqueue_cpu[1:] or enqueue_cpu)
         row["step_ms"] = 1e3 * total / busy_steps
-        if not np.isfinite(float(metrics["loss"])):
+        if not np.isfinite(float(metrics.compute()["loss"])):
             raise SystemExit(f"non-finite loss in variant {variant}")
         row.update(accumulate_us(metrics, repeats))
     return row

@@ -27,7 +27,7 @@ import jax
 
 from fixed_slots import configlib
 from fixed_slots.train import trainer
-from fixed_slots.train.trainer import train_and_evaluate
+from fixed_slots.train.trainer import train
 
 RESEEDED = "float32_seed+1"
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             config = short_run_config(base, dtype, a.steps, a.log_every, a.synthetic)
             config.seed = base.seed + seed_offset
             start = time.perf_counter()
-            histories[name] = train_and_evaluate(config, workdir)
+            histories[name] = train(config, workdir)
             wall = time.perf_counter() - start
             # steps/s of the logged windows after the first (the first holds compilation)
             rates = [h["steps_per_second"] for h in histories[name][1:]]

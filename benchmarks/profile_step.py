@@ -36,7 +36,7 @@ import numpy as np
 from fixed_slots import configlib
 from fixed_slots.train import trainer
 from fixed_slots import sharding
-from fixed_slots.train.state import build
+from fixed_slots.train.train_step import build
 
 # HLO instructions that launch nothing (bookkeeping or control flow whose bodies are counted).
 _NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",

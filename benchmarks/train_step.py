@@ -40,7 +40,7 @@ from fixed_slots import configlib
 from fixed_slots.train import trainer
 from fixed_slots.modules.decoding import generate_tokens, generate_tokens_full_recompute
 from fixed_slots import sharding
-from fixed_slots.train.state import build, model_from_params, split_params
+from fixed_slots.train.train_step import build, model_from_params, split_params
 
 # Dense bf16 peak FLOP/s used for utilisation (H100 SXM); CPU rows print "n/a".
 PEAK_FLOPS = {"gpu": 989e12, "tpu": 197e12}
@@ -90,7 +90,8 @@ def time_train_step(config, steps: int, warmup: int, donate: bool = True) -> dic
         state, metrics = train_step(state, batch, key)
     jax.block_until_ready((state, metrics))
     pipelined_ms = 1e3 * (time.perf_counter() - start) / steps
-    loss = float(jax.device_get(metrics["loss"])) if "loss" in metrics else float("nan")
+    values = jax.device_get(metrics).compute()
+    loss = float(values["loss"]) if "loss" in values else float("nan")
     if not np.isfinite(loss):
         raise SystemExit(f"non-finite loss {loss} (grad {config.grad})")
     ms = 1e3 * statistics.median(times)
@@ -119,12 +120,12 @@ def time_training_loop(config, steps: int) -> float:
     pipeline, device prefetch, metrics fetched every log step): the bare step plus whatever the
     host adds. Median of the progress line's windowed rate over the logged windows after the
     first (the first holds compilation)."""
-    from fixed_slots.train.trainer import train_and_evaluate
+    from fixed_slots.train.trainer import train
 
     config = trainer.training_only(config, steps, log_every=max(steps // 5, 1))
     config.data.name = "synthetic"
     with tempfile.TemporaryDirectory() as workdir:
-        history = train_and_evaluate(config, workdir)
+        history = train(config, workdir)
     rates = [h["steps_per_second"] for h in history[1:]] or [history[-1]["steps_per_second"]]
     return 1e3 / statistics.median(rates)
 

@@ -113,7 +113,10 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     c.train.jacobian_every_steps = 1_000
     c.train.checkpoint_every_steps = 5_000
     c.train.max_checkpoints_to_keep = 3
-    # main.py evaluates the last checkpoint when a run reaches num_steps (not when stopped).
+    # An evaluation on the held-out images (eval.num_batches x eval.batch_size) every N steps,
+    # without the costly parts (SLATE's autoregressive decoding, FID): eval/* in TensorBoard.
+    c.train.eval_every_steps = 5_000
+    # The full evaluation when a run reaches num_steps (not when stopped): WORKDIR/eval/.
     c.train.evaluate_at_end = True
     # "float32", or "bfloat16" for mixed precision (params and the fixed-point solve stay float32).
     c.train.compute_dtype = "float32"
@@ -211,6 +214,7 @@ def tiny_schedule(config: ml_collections.ConfigDict) -> None:
     config.train.image_every_steps = 4
     config.train.jacobian_every_steps = 4
     config.train.checkpoint_every_steps = 2
+    config.train.eval_every_steps = 0  # tests that read the eval/ curves turn it on
     config.eval.batch_size = 8
     config.eval.num_batches = 1
     config.eval.num_images = 2

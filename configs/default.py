@@ -47,6 +47,7 @@ def get_config(variant: str | None = None):
     config.train.image_every_steps = 2_000
     config.train.jacobian_every_steps = 500
     config.train.checkpoint_every_steps = 1_000
+    config.train.eval_every_steps = 1_000  # FG-ARI in TensorBoard as it trains
     config.eval.batch_size = 32
     if common.check_variant(variant) == "tiny":
         common.tiny_synthetic_data(config, min_objects=2, max_objects=2)

@@ -6,9 +6,11 @@ value absl or ml_collections cannot parse, and any `fixed_slots.errors.UserError
 running end the process with `error: ...` on stderr and exit code 2; other exceptions are our bugs
 and keep their tracebacks.
 
-Console: third-party libraries log through absl at INFO (orbax prints ~40 lines per checkpoint);
-unless `--verbosity` (absl's flag, `-v`) is given, absl's threshold is WARNING and only our own
-lines (the `fixed_slots` logger, see `fixed_slots.log`) and warnings reach the console.
+Console: third-party libraries log through absl at INFO (orbax prints ~40 lines per checkpoint),
+and XLA through its C++ logger; unless `--verbosity` (absl's flag, `-v`) is given, absl's
+threshold is WARNING, XLA's C++ lines are off (TF_CPP_MIN_LOG_LEVEL=3, unless set), and only our
+own lines (the `fixed_slots` logger, see `fixed_slots.log`) and warnings reach the console.
+`--help` prints the flags and exits with 0.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
             elif arg == prefix:
                 found.append((name, args[i + 1] if i + 1 < len(args) else ""))
     return found
+
+
+def config_overrides(argv: Sequence[str]) -> list[str]:
+    """The `--config.KEY=VALUE` flags of a command line as "KEY=VALUE" assignments."""
+    return [f"{flag[len('config.'):]}={value}" for flag, value in _flag_values(argv, "config")
+            if flag.startswith("config.")]
 
 
 def config_file_and_arg(spec: str) -> tuple[str, str | None]:
@@ -95,13 +103,11 @@ def show_config(config) -> None:
     value is named below the listing (ConfigError)."""
     from fixed_slots import configlib, models
     from fixed_slots.data import pipeline
-    from fixed_slots.eval import evaluate
     from fixed_slots.train import optim, trainer
 
     choices = {**models.choices(config), **pipeline.CHOICES, **optim.CHOICES}
     print(configlib.describe(config, choices))
-    trainer.check_config(config)
-    evaluate.check_config(config)
+    trainer.check_config(config)  # every section a run reads, its evaluation's included
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -122,9 +128,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def _verbosity_given(argv: Sequence[str]) -> bool:
+    return any(arg in ("-v", "--v", "--verbosity") or arg.startswith(("-v=", "--v=", "--verbosity="))
+               for arg in argv[1:])
+
+
+def _print_help(argv: Sequence[str]) -> None:
+    """absl's usage text on stdout, exit code 0 (absl's own --help exits with 1)."""
+    from absl import app
+
+    app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
+    sys.exit(0)
+
+
 def run(main: Callable[[list[str]], None], default_config: str = "configs/default.py") -> None:
     """absl.app.run(main) with config flags checked first and user errors as plain lines."""
     from absl import app
+
+    if any(arg in _HELP for arg in sys.argv[1:]):
+        _print_help(sys.argv)
+    if not _verbosity_given(sys.argv):
+        # XLA's own C++ log lines ("Very slow compile?" blocks on a loaded machine) are library
+        # logs too: hidden like absl's INFO unless --verbosity is given. Set before jax loads.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     try:
         check_config_flags(sys.argv, default_config)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fixed_slots.train.plateau import ValidationPlateau
-from fixed_slots.train.trainer import train_and_evaluate
+from fixed_slots.train.trainer import train
 from helpers import load_config
 
 
@@ -57,13 +57,14 @@ def _config(steps):
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
     config.train.num_steps = steps
+    config.train.evaluate_at_end = False
     return config
 
 
 def test_resumed_run_continues_the_same_schedule(tmp_path):
-    full = train_and_evaluate(_config(5), str(tmp_path / "full"))
-    first = train_and_evaluate(_config(3), str(tmp_path / "split"))
-    second = train_and_evaluate(_config(5), str(tmp_path / "split"),
+    full = train(_config(5), str(tmp_path / "full"))
+    first = train(_config(3), str(tmp_path / "split"))
+    second = train(_config(5), str(tmp_path / "split"),
                                 accept_config_change=["train.num_steps"])
     split = first + second
     for key in ("loss", "learning_rate/main", "learning_rate/dvae"):
@@ -79,3 +80,39 @@ def test_resumed_run_continues_the_same_schedule(tmp_path):
     # after the previous step.
     dvae_lr = _config(5).optim.dvae_lr  # never warmed up
     assert full[-1]["learning_rate/dvae"] == pytest.approx(dvae_lr * scale[-2])
+
+
+def test_validation_loss_is_the_deterministic_eval_mode_pass_averaged_over_batches():
+    """What the decay reads, against the same pass written out by hand: the model in eval mode
+    (no dropout) on each validation batch with the validation stream's keys, averaged. With
+    dropout on (train=True), or another key, or a batch left out, the numbers differ."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fixed_slots import models, sharding
+    from fixed_slots.data.pipeline import make_loader
+    from fixed_slots.train.trainer import Stream, _Validation
+
+    config = _config(2)
+    config.train.num_devices = 1
+    config.optim.validation_batches = 2
+    assert config.slate.dropout > 0  # a pass with dropout on would not be deterministic
+    mesh = sharding.make_mesh(1)
+    graphdef, params = models.split_params(models.create(config, rngs=nnx.Rngs(3)))
+    base_key, step = jax.random.key(7), 5
+    ours = _Validation(config, graphdef, mesh).run(params, base_key, step)
+
+    key = jax.random.fold_in(jax.random.fold_in(base_key, step), Stream.VALIDATION)
+    loader = make_loader(config, "validation", global_batch_size=config.eval.batch_size,
+                         seed=config.seed, num_epochs=1, shuffle=False)
+    by_hand = []
+    for index, batch in zip(range(2), loader):
+        model = nnx.merge(graphdef, params)
+        out = model({k: jnp.asarray(v) for k, v in batch.items()}, jax.random.fold_in(key, index),
+                    jnp.int32(step), train=False)
+        by_hand.append({name: float(out.metrics[name]) for name in ("loss", "dvae_mse",
+                                                                     "cross_entropy")})
+    for name in ("loss", "dvae_mse", "cross_entropy"):
+        expected = np.mean([values[name] for values in by_hand])
+        assert ours[f"validation/{name}"] == pytest.approx(expected, rel=1e-5), name

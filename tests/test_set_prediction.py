@@ -9,7 +9,7 @@ from fixed_slots import models
 from fixed_slots.train.trainer import check_config
 from fixed_slots.data.sources import CLEVR_TARGET_LAYOUT
 from fixed_slots.data.synthetic import SYNTHETIC_TARGET_LAYOUT, properties_to_target
-from fixed_slots.eval.evaluate import ap_layout
+from fixed_slots.eval.evaluator import ap_layout
 from fixed_slots.eval.metrics import PropertyLayout, average_precisions
 from fixed_slots.models import set_prediction
 from fixed_slots.models.losses import hungarian_huber_loss

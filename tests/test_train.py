@@ -1,5 +1,6 @@
 """End-to-end training: sharding, resumption, signals, non-finite losses, config and data errors."""
 import glob
+import json
 import os
 import pathlib
 import signal
@@ -11,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from fixed_slots.train.trainer import NonFiniteLossError, train_and_evaluate
+from fixed_slots.experiments.events import read_scalars
+from fixed_slots.train.trainer import NonFiniteLossError, train
 from helpers import ROOT, load_config
 
 
@@ -20,6 +22,7 @@ def tiny(**overrides):
     config.train.log_every_steps = 1
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
+    config.train.evaluate_at_end = False
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -35,9 +38,9 @@ def losses(history):
 
 def test_sharded_equals_unsharded(tmp_path):
     assert jax.device_count() == 8
-    one = train_and_evaluate(tiny(**{"train.num_devices": 1, "train.num_steps": 3}),
+    one = train(tiny(**{"train.num_devices": 1, "train.num_steps": 3}),
                              str(tmp_path / "one"))
-    eight = train_and_evaluate(tiny(**{"train.num_devices": 8, "train.num_steps": 3}),
+    eight = train(tiny(**{"train.num_devices": 8, "train.num_steps": 3}),
                                str(tmp_path / "eight"))
     assert [h["step"] for h in one] == [1, 2, 3]
     np.testing.assert_allclose(losses(one), losses(eight), rtol=2e-5)
@@ -46,9 +49,9 @@ def test_sharded_equals_unsharded(tmp_path):
 
 
 def test_resume_equals_uninterrupted_and_writes_events(tmp_path):
-    full = train_and_evaluate(tiny(**{"train.num_steps": 4}), str(tmp_path / "full"))
-    first = train_and_evaluate(tiny(**{"train.num_steps": 2}), str(tmp_path / "split"))
-    second = train_and_evaluate(tiny(**{"train.num_steps": 4}), str(tmp_path / "split"),
+    full = train(tiny(**{"train.num_steps": 4}), str(tmp_path / "full"))
+    first = train(tiny(**{"train.num_steps": 2}), str(tmp_path / "split"))
+    second = train(tiny(**{"train.num_steps": 4}), str(tmp_path / "split"),
                                 accept_config_change=["train.num_steps"])
     assert [h["step"] for h in second] == [3, 4]
     np.testing.assert_allclose(losses(first + second), losses(full), rtol=1e-6)
@@ -59,7 +62,7 @@ def test_resume_equals_uninterrupted_and_writes_events(tmp_path):
 def test_images_and_jacobian_are_written(tmp_path):
     config = tiny(**{"train.num_steps": 2, "train.image_every_steps": 2,
                      "train.jacobian_every_steps": 2})
-    train_and_evaluate(config, str(tmp_path))
+    train(config, str(tmp_path))
     events = glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)
     payload = b"".join(pathlib.Path(e).read_bytes() for e in events)
     for tag in (b"jacobian_spectral_norm", b"gumbel_temperature", b"slot_residual", b"slate"):
@@ -72,8 +75,9 @@ def test_non_finite_loss_names_the_step_and_keeps_last_good_checkpoint(tmp_path)
     config.optim.dvae_lr = 1e30
     config.optim.use_warmup = False
     config.optim.clip = "none"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step (\d+)") as e:
-        train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite loss, gradient or parameters at step (\d+)") as e:
+        train(config, str(tmp_path))
     bad = int(e.value.args[0].split("at step ")[1].split(";")[0])
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) <= bad
@@ -85,26 +89,49 @@ def _run_main(args, **kw):
                           capture_output=True, text=True, **kw)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def _start_training(tmp_path, *extra):
+    """A tiny training subprocess that runs for long; returns (process, lines read so far, a
+    function waiting for a line containing a text)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
          "--config.train.num_steps=100000", "--config.train.checkpoint_every_steps=100000",
          "--config.train.log_every_steps=1", "--config.train.image_every_steps=0",
-         "--config.train.jacobian_every_steps=0"],
+         "--config.train.jacobian_every_steps=0", *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True):
-            # Event files appear with the first logged step: the loop is running.
-            time.sleep(2)
-            break
-        time.sleep(0.5)
-    else:
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = __import__("threading").Thread(target=read, daemon=True)
+    reader.start()
+
+    def wait_for(text, timeout=600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in lines):
+                return
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
         proc.kill()
-        pytest.fail("training did not start in time")
+        pytest.fail(f"no line with {text!r} in time:\n{''.join(lines)[-3000:]}")
+
+    def finish(timeout=600):
+        proc.wait(timeout=timeout)
+        reader.join(timeout=10)
+        return "".join(lines)
+
+    return proc, wait_for, finish
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc, wait_for, finish = _start_training(tmp_path)
+    wait_for("step 2/")  # compiled and stepping (log lines are per step)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = finish()
     assert proc.returncode == 0, out[-3000:]
     saved = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved, out[-3000:]
@@ -115,12 +142,38 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "Traceback" not in out
 
 
+def test_two_sigterms_50_ms_apart_stop_without_saving(tmp_path):
+    """Both arrive while the main thread is inside a step (one call of the Python handler):
+    the wakeup fd counts them, so the second one still means 'stop now, no checkpoint'."""
+    proc, wait_for, finish = _start_training(tmp_path)
+    wait_for("step 2/")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = finish()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
+    saved = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved == [], out[-3000:]
+
+
+def test_a_stop_during_compilation_is_heard_at_once_and_acted_on_after_it(tmp_path):
+    proc, wait_for, finish = _start_training(tmp_path)
+    wait_for("Compiling the train step")
+    proc.send_signal(signal.SIGINT)
+    wait_for("saving a checkpoint and stopping")  # the handler runs during compilation
+    out = finish()
+    assert proc.returncode == 0, out[-3000:]
+    assert out.index("saving a checkpoint and stopping") < out.index("Compiled the train step")
+    assert "Stopped at step 1 of 100000" in out
+
+
 def test_missing_dataset_names_the_build_command(tmp_path):
     config = load_config("slate_clevr")
     config.data.data_dir = str(tmp_path / "tfds")
     config.train.num_devices = 1  # batch 50 does not split over the 8 test devices
     with pytest.raises(Exception, match=r"python -m data_prep build clevr_mirror"):
-        train_and_evaluate(config, str(tmp_path / "run"))
+        train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
@@ -147,14 +200,14 @@ def test_slate_clevr_config_trains_on_a_built_fake_tree(tmp_path):
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
     config.train.num_steps = 2
-    history = train_and_evaluate(config, str(tmp_path / "run"))
+    history = train(config, str(tmp_path / "run"))
     assert history and np.isfinite(history[-1]["loss"])
 
 
 def test_train_step_compiles_once_and_bf16_loss_tracks_float32():
     from fixed_slots.data.pipeline import make_loader
     from fixed_slots import sharding
-    from fixed_slots.train.trainer import build
+    from fixed_slots.train.train_step import build
 
     histories = {}
     for dtype in ("float32", "bfloat16"):
@@ -167,7 +220,7 @@ def test_train_step_compiles_once_and_bf16_loss_tracks_float32():
         histories[dtype] = []
         for _ in range(4):
             state, metrics = train_step(state, sharding.put_batch(next(loader), mesh), key)
-            histories[dtype].append(float(metrics["loss"]))
+            histories[dtype].append(float(metrics.compute()["loss"]))
         assert train_step._cache_size() == 1  # no recompilation across steps
     np.testing.assert_allclose(histories["bfloat16"], histories["float32"], rtol=0.05)
 
@@ -176,7 +229,7 @@ def test_backward_solve_outcome_is_logged_for_implicit_modes_only(tmp_path):
     """Issue 12: a diverging adjoint must never be invisible. At this initialisation the step's
     spectral radius exceeds 1 for some examples, so the plain iterative adjoint ("implicit")
     fails there: the metrics say so (and the fallback keeps the gradient finite)."""
-    implicit = train_and_evaluate(tiny(**{"train.num_steps": 2, "grad": "implicit"}),
+    implicit = train(tiny(**{"train.num_steps": 2, "grad": "implicit"}),
                                   str(tmp_path / "implicit"))
     for h in implicit:
         assert {"adjoint_residual", "adjoint_residual_max", "adjoint_steps",
@@ -184,7 +237,7 @@ def test_backward_solve_outcome_is_logged_for_implicit_modes_only(tmp_path):
         assert h["adjoint_steps"] == 3  # T + 1 evaluations by default (tiny: T = 2)
         assert 0.0 <= h["adjoint_failed"] <= 1.0 and np.isfinite(h["loss"])
     assert max(h["adjoint_residual_max"] for h in implicit) > 0
-    plain = train_and_evaluate(tiny(**{"train.num_steps": 1}), str(tmp_path / "neumann1"))
+    plain = train(tiny(**{"train.num_steps": 1}), str(tmp_path / "neumann1"))
     assert not [k for k in plain[0] if k.startswith("adjoint")]
 
 
@@ -193,10 +246,70 @@ def test_resuming_a_model_of_other_shapes_says_so_and_keeps_the_checkpoints(tmp_
     corruption, and nothing is renamed."""
     from fixed_slots.train.checkpoint import CheckpointRestoreError
 
-    train_and_evaluate(tiny(**{"train.num_steps": 1}), str(tmp_path))
+    train(tiny(**{"train.num_steps": 1}), str(tmp_path))
     wider = tiny(**{"train.num_steps": 2, "slot_attention.slot_size": 32})
     with pytest.raises(CheckpointRestoreError, match="hold a model of other shapes") as e:
-        train_and_evaluate(wider, str(tmp_path),
+        train(wider, str(tmp_path),
                            accept_config_change=["slot_attention.slot_size", "train.num_steps"])
     assert "Nothing was renamed or deleted" in str(e.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def _files(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*")
+                  if p.is_file())
+
+
+def test_evaluations_reach_tensorboard_at_several_steps(tmp_path):
+    """eval/* scalars on a cadence (no decoding) and at the end (full), from a tiny run's own
+    event files; the end's equal WORKDIR/eval/metrics.json."""
+    train(tiny(**{"train.num_steps": 4, "train.eval_every_steps": 2,
+                  "train.evaluate_at_end": True}), str(tmp_path))
+    scalars = read_scalars(str(tmp_path))
+    assert [step for step, _ in scalars["eval/fg_ari"]] == [2, 4]
+    for tag in ("eval/ari", "eval/fg_ari_std", "eval/mse_dvae_recon", "eval/slot_residual",
+                "eval/fg_ari_token_ceiling"):
+        assert [step for step, _ in scalars[tag]] == [2, 4], tag
+    # The autoregressive reconstruction is decoded only by the full evaluation at the end.
+    assert [step for step, _ in scalars["eval/mse_slot_recon"]] == [4]
+    with open(tmp_path / "eval" / "metrics.json") as f:
+        final = json.load(f)
+    assert final["step"] == 4 and final["full"] is True
+    assert scalars["eval/fg_ari"][-1][1] == pytest.approx(final["fg_ari"], rel=1e-6)
+    assert scalars["steps_per_second"] and scalars["loss"][-1][0] == 4
+
+
+def test_rerun_of_a_finished_run_says_so_and_writes_nothing(tmp_path, caplog):
+    import logging
+    import shutil
+
+    config = tiny(**{"train.num_steps": 2, "train.evaluate_at_end": True})
+    train(config, str(tmp_path))
+    before = _files(tmp_path)
+    with caplog.at_level(logging.INFO, logger="fixed_slots"):
+        assert train(config, str(tmp_path)) == []
+    assert "This run is complete: step 2 of 2" in caplog.text
+    assert str(tmp_path / "eval") in caplog.text
+    assert _files(tmp_path) == before  # no new event file, checkpoint or evaluation
+    # Killed during its evaluation: the rerun evaluates the last step, and only that.
+    shutil.rmtree(tmp_path / "eval")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fixed_slots"):
+        train(config, str(tmp_path))
+    assert "has no evaluation of that step: evaluating it now" in caplog.text
+    with open(tmp_path / "eval" / "metrics.json") as f:
+        assert json.load(f)["step"] == 2
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["2"] or steps == ["1", "2"]
+
+
+def test_the_console_says_when_it_compiles_and_how_long_it_took(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fixed_slots"):
+        train(tiny(**{"train.num_steps": 1}), str(tmp_path))
+    messages = [r.getMessage() for r in caplog.records]
+    compiling = [i for i, m in enumerate(messages) if m.startswith("Compiling the train step")]
+    compiled = [i for i, m in enumerate(messages) if m.startswith("Compiled the train step")]
+    assert compiling and compiled and compiling[0] < compiled[0]
+    assert " s." in messages[compiled[0]]

@@ -11,7 +11,7 @@ from flax import nnx
 from fixed_slots import sharding
 from fixed_slots.models.slate import Slate
 from fixed_slots.train.optim import learning_rates, make_optimizer, param_labels, plateau_scale
-from fixed_slots.train.state import (
+from fixed_slots.train.train_step import (
     TrainState,
     build,
     model_from_params,

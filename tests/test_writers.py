@@ -1,5 +1,5 @@
 """Dashboards: the tensorboardX writer with CLU's MetricWriter methods, event files read back
-with a minimal TFRecord reader (no TensorFlow or tensorboard needed); the console progress line."""
+with a minimal TFRecord reader (no TensorFlow or tensorboard needed); the console lines."""
 import collections
 import io
 import logging
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
-from fixed_slots.train import writers
+from fixed_slots import log
+from fixed_slots.train import console, writers
 
 
 def read_events(logdir: pathlib.Path) -> list:
@@ -101,15 +102,15 @@ def test_flushed_events_are_on_disk_without_close(tmp_path):
     writer.close()
 
 
-def test_asynchronous_writer_round_trip_and_errors(tmp_path):
-    writer = writers.AsyncWriter(writers.TensorboardXWriter(str(tmp_path)))
-    write_everything(writer)
-    check_events(tmp_path)
-    failing = writers.AsyncWriter(writers.TensorboardXWriter(str(tmp_path / "bad")))
-    failing.write_images(1, {"bad": np.zeros((4, 4))})  # no channel axis: fails in background
-    with pytest.raises(ValueError, match="images must be"):
-        failing.flush()
-    failing.close()
+def test_scalars_carry_their_description_once(tmp_path):
+    writer = writers.TensorboardXWriter(str(tmp_path), descriptions={"eval/fg_ari": "FG-ARI."})
+    writer.write_scalars(1, {"eval/fg_ari": 0.5, "loss": 2.0})
+    writer.write_scalars(2, {"eval/fg_ari": 0.6})
+    writer.close()
+    found = values_by_tag(read_events(tmp_path))
+    first, second = (v.metadata.summary_description for _, v in found["eval/fg_ari"])
+    assert (first, second) == ("FG-ARI.", "")  # TensorBoard reads the first event's metadata
+    assert found["loss"][0][1].metadata.summary_description == ""
 
 
 def test_logging_writer_for_non_leader_hosts(caplog):
@@ -128,39 +129,72 @@ class FakeClock:
         return self.now
 
 
-def test_progress_line_rate_eta_and_logging_cadence(caplog):
+def test_progress_line_measures_at_logging_steps_only(caplog):
     clock = FakeClock()
-    progress = writers.ProgressLine(1000, start_step=100, every_steps=5, window=10,
-                                    stream=io.StringIO(), clock=clock,
-                                    show=("loss", "cross_entropy"))
-    printed = []
+    progress = console.ProgressLine(1000, start_step=100, window=10, stream=io.StringIO(),
+                                    clock=clock, show=("loss", "cross_entropy"))
     clock.now = 60.0  # the first step compiles for a minute: not part of the rate or the ETA
+    progress.start()
+    rates = []
     with caplog.at_level(logging.INFO, logger="fixed_slots"):
         for step in range(101, 121):
             clock.now += 0.1  # 10 steps/s
-            metrics = {"loss": 1.25, "cross_entropy": 0.5, "dvae_mse": 9.0} if step == 115 else None
-            printed.append(progress.update(step, metrics))
-    assert progress.rate() == pytest.approx(10.0)
+            assert progress.tick(step) is None  # not a terminal: nothing between log steps
+            if step % 5 == 0:
+                metrics = {"loss": 1.25, "cross_entropy": 0.5, "dvae_mse": 9.0}
+                rates.append(progress.measure(step, metrics))
+    assert rates == [pytest.approx(10.0)] * 4  # the figure TensorBoard gets
     assert progress.eta_seconds() == pytest.approx(88.0)  # 880 steps left
-    assert [p is not None for p in printed] == [(s % 5 == 0) for s in range(101, 121)]
-    assert ("step 120/1000 (12.0%)  loss 1.25  cross_entropy 0.5  10.00 steps/s  ETA 0:01:28"
-            in caplog.text)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4  # one line per logging step
+    assert lines[-1] == "step 120/1000 (12.0%)  loss 1.25  cross_entropy 0.5  10.00 steps/s  ETA 0:01:28"
     assert "dvae_mse" not in caplog.text
-    assert writers.format_duration(2 * 86400 + 3661) == "2d 1:01:01"
-    assert writers.format_duration(float("inf")) == "?"
+    assert console.format_duration(2 * 86400 + 3661) == "2d 1:01:01"
+    assert console.format_duration(float("inf")) == "?"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
 
 def test_progress_line_redraws_one_line_on_a_terminal():
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
     clock, stream = FakeClock(), Terminal()
-    progress = writers.ProgressLine(4, min_redraw_seconds=0.5, stream=stream, clock=clock)
+    progress = console.ProgressLine(4, min_redraw_seconds=0.5, stream=stream, clock=clock)
+    progress.start()
     for step in (1, 2, 3, 4):
         clock.now += 0.3
-        progress.update(step)
+        progress.tick(step)
     out = stream.getvalue()
     # Drawn at 0.3 s, then 0.9 s (>= 0.5 s later), then the last step; one line in all.
     assert out.count("\r") == 3 and out.endswith("\n") and out.count("\n") == 1
     assert "step 4/4 (100.0%)" in out
+
+
+def test_log_lines_print_above_the_live_line():
+    stream = Terminal()
+    handler = log._Handler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.live_line(stream, "step 3/10")
+    handler.emit(logging.LogRecord("fixed_slots", logging.INFO, "", 0, "Resumed.", None, None))
+    log.end_live_line(stream, "step 10/10")
+    out = stream.getvalue()
+    # The live line is cleared, the log line printed, the live line drawn again below it.
+    assert out.index("Resumed.") > out.index("step 3/10")
+    assert out.rindex("step 3/10") > out.index("Resumed.")
+    assert out.endswith("step 10/10\n")
+
+
+def test_evaluation_progress_gives_an_eta_from_the_second_batch():
+    clock, stream = FakeClock(), Terminal()
+    progress = console.EvaluationProgress("Evaluating", stream=stream, clock=clock)
+    clock.now = 30.0  # the first batch compiles
+    assert "ETA ?" in progress(1, 5)
+    clock.now = 32.0
+    clock.now += 0.0
+    progress._line._last_draw = -1e9  # redraw now
+    assert progress(2, 5) == "Evaluating: batch 2/5 (40%)  ETA 0:00:06"
+    clock.now = 38.0
+    assert stream.getvalue().count("\n") == 0
+    progress(5, 5)
+    assert stream.getvalue().endswith("\n")

@@ -40,7 +40,7 @@ class SetPredictions(NamedTuple):
 
 
 class EvalBatch(NamedTuple):
-    """What `evaluate_batch` returns for one batch (see `fixed_slots.eval.evaluate`)."""
+    """What `evaluate_batch` returns for one batch (see `fixed_slots.eval.evaluator`)."""
     per_example: dict[str, jax.Array]  # name -> [B], averaged over the evaluation set
     generated: Optional[jax.Array] = None  # [B, H, W, 3] in [0, 1] images decoded from slots (FID)
     set_predictions: Optional[SetPredictions] = None  # for average precision
@@ -68,13 +68,16 @@ class SlotModel(Protocol):
     Besides the methods, a model class declares what the code driving it must not guess:
     `progress_metrics` (names of `ModelOutput.metrics` shown on the console progress line),
     `validation_metrics` (those the validation pass averages; the first is the loss the
-    learning-rate decay reads), `learning_rate_group(path) -> group` (the optimizer group, i.e.
+    learning-rate decay reads), `train_metrics` / `eval_metrics` (the clu collections that sum
+    them over steps and images), `learning_rate_group(path) -> group` (the optimizer group, i.e.
     the `config.optim.<group>_lr`, of the parameter at a path of names) and
     `check_config(config)` (its config sections, raising ConfigError; run before building).
     """
 
     progress_metrics: tuple[str, ...]
     validation_metrics: tuple[str, ...]
+    train_metrics: type  # clu.metrics.Collection over ModelOutput.metrics (models.aggregation)
+    eval_metrics: type  # clu.metrics.Collection over EvalBatch.per_example (per-image averages)
 
     @staticmethod
     def learning_rate_group(path: tuple[str, ...]) -> str:
@@ -104,8 +107,10 @@ class SlotModel(Protocol):
     def visualize(self, batch: Batch, key: jax.Array, step: jax.Array) -> Pictures:
         """Arrays for the training dashboard's picture grid."""
 
-    def evaluate_batch(self, batch: Batch, key: jax.Array) -> EvalBatch:
-        """Per-example evaluation metrics and the arrays for host-side metrics."""
+    def evaluate_batch(self, batch: Batch, key: jax.Array, *, full: bool = True) -> EvalBatch:
+        """Per-example evaluation metrics and the arrays for host-side metrics. `full=False`
+        leaves out what is costly (SLATE's autoregressive decoding and the images for FID), for
+        the evaluations during training."""
 
     def evaluation_pictures(self, batch: Batch, key: jax.Array) -> Pictures:
         """`visualize`'s arrays plus the slot-deletion decodings, where the model has them."""

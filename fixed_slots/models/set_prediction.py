@@ -26,6 +26,7 @@ from flax import nnx
 from fixed_slots import configlib
 from fixed_slots.data import sources
 from fixed_slots.data.synthetic import TargetLayout
+from fixed_slots.models import aggregation
 from fixed_slots.models.losses import hungarian_huber_per_image
 from fixed_slots.models.protocol import (
     EvalBatch,
@@ -72,6 +73,9 @@ class SetPredictor(nnx.Module):
 
     progress_metrics = ("loss",)
     validation_metrics = ("loss",)
+    train_metrics = aggregation.collection(
+        loss=aggregation.average("loss"), slot_residual=aggregation.average("slot_residual"))
+    eval_metrics = aggregation.collection(**aggregation.per_image("loss", "slot_residual"))
 
     @staticmethod
     def learning_rate_group(path: tuple[str, ...]) -> str:
@@ -145,8 +149,11 @@ class SetPredictor(nnx.Module):
         enc = self.encode_slots(batch["image"], key)
         return Pictures(image=batch["image"], masks=self.attention_masks(enc.attention))
 
-    def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array) -> EvalBatch:
-        """Per-example matched Huber loss; predictions and targets for the host-side AP."""
+    def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array, *, full: bool = True
+                       ) -> EvalBatch:
+        """Per-example matched Huber loss; predictions and targets for the host-side AP; every
+        part is cheap, so `full` changes nothing."""
+        del full
         enc = self.encode_slots(batch["image"], key)
         self._check_target(batch["target"])
         pred = self.predict(enc.slots)  # [B, S, D]

@@ -15,6 +15,7 @@ import ml_collections
 from flax import nnx
 
 from fixed_slots import configlib
+from fixed_slots.models import aggregation
 from fixed_slots.models.common import SlotAttentionEncoder, slot_attention_from_config
 from fixed_slots.models.losses import mse_per_image
 from fixed_slots.models.protocol import (
@@ -57,6 +58,14 @@ class Slate(nnx.Module):
     # dVAE trains at optim.dvae_lr, everything else at optim.main_lr (the official two rates).
     progress_metrics = ("loss", "cross_entropy")
     validation_metrics = ("loss", "dvae_mse", "cross_entropy")
+    train_metrics = aggregation.collection(
+        loss=aggregation.average("loss"), dvae_mse=aggregation.average("dvae_mse"),
+        cross_entropy=aggregation.average("cross_entropy"),
+        gumbel_temperature=aggregation.last("gumbel_temperature"),
+        slot_residual=aggregation.average("slot_residual"))
+    eval_metrics = aggregation.collection(**aggregation.per_image(
+        "fg_ari", "ari", "fg_ari_token_ceiling", "mse_slot_recon", "mse_dvae_recon",
+        "slot_residual"))
 
     @staticmethod
     def learning_rate_group(path: tuple[str, ...]) -> str:
@@ -220,16 +229,21 @@ class Slate(nnx.Module):
         """Arrays for the dashboard / Fig. 4: input, dVAE and slot reconstructions, masks."""
         return self._pictures(batch["image"], self.encode_slots(batch["image"], key))
 
-    def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array) -> EvalBatch:
-        """Table 3: MSE of the autoregressive reconstruction from slots (and of the dVAE)."""
+    def evaluate_batch(self, batch: dict[str, jax.Array], key: jax.Array, *, full: bool = True
+                       ) -> EvalBatch:
+        """Table 3: MSE of the autoregressive reconstruction from slots (and of the dVAE), and
+        ARI / FG-ARI of the attention masks. `full=False` skips the autoregressive decoding
+        (the costly part: one decoder pass per token), as evaluations during training do."""
         image = batch["image"]
         enc = self.encode_slots(image, key)
-        slot_recon, _ = self.decode_slots(enc.slots)
         per_example = {
-            "mse_slot_recon": mse_per_image(image, slot_recon),
             "mse_dvae_recon": mse_per_image(image, self.dvae_reconstruct(enc.tokens)),
             "slot_residual": enc.info.final_residual,
         }
+        slot_recon = None
+        if full:
+            slot_recon, _ = self.decode_slots(enc.slots)
+            per_example["mse_slot_recon"] = mse_per_image(image, slot_recon)
         if self.segmentation_metrics and "mask" in batch:
             masks = upsample_attention(enc.attention, self.grid, self.image_size)
             per_example.update(segmentation_metrics(batch["mask"], masks, self.num_mask_ids))

@@ -425,3 +425,26 @@ def restore_params(directory: str, target: Any, *, step: int | None = None
             f"\n  {details}\n{_restore_advice(directory, failed)}")
     finally:
         manager.close()
+
+
+def read_newest_metadata(directory: str) -> tuple[int, dict] | None:
+    """(step, the caller's metadata) of the newest checkpoint whose record reads, read-only (as
+    `restore_params`: nothing created or cleaned); None if the directory holds no checkpoint.
+    Steps whose record is unreadable are skipped (restoring reports them)."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return None
+    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+    manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _META))
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(
+                    **{_META: ocp.args.JsonRestore()}))[_META]
+            except Exception:  # unreadable: restoring the step reports it
+                continue
+            if isinstance(meta, dict) and meta.get("format") == _FORMAT:
+                return int(step), dict(meta.get("metadata") or {})
+        return None
+    finally:
+        manager.close()

@@ -1,15 +1,20 @@
-"""The pure train step: (state, batch, key) -> (state, metrics). No Python side effects inside.
+"""The train state and the pure train step: (state, batch, key) -> (state, metrics).
 
-The state that crosses the jit boundary is plain arrays: params are a nested dict of jax.Array
+`build(config, mesh)` makes both: model -> pure params -> optimizer -> jitted step. The state
+that crosses the jit boundary is plain arrays: params are a nested dict of jax.Array
 (`nnx.to_pure_dict`), merged into the NNX module only inside the traced function
 (`model_from_params`), and the optimizer state is a few flat buffers (`optim.make_optimizer`).
 An `nnx.State` would make every call flatten and rebuild one Python `Variable` per parameter on
-the host (hundreds per step), which is what kept the GPU waiting (issue 10).
+the host (hundreds per step), which kept the GPU waiting.
 
-A non-finite loss or gradient leaves params and optimizer state untouched for that step and records
-the first such step in `state.first_bad_step`; the host checks it when it fetches metrics and before
-every save, so a bad step is named exactly without a per-step device->host sync, and no checkpoint
-ever holds the state that came after it.
+The step returns its metrics as the model's clu collection (`SlotModel.train_metrics`, plus the
+gradient norm and, for the gradient modes that solve an adjoint, its statistics), so the
+trainer only merges them between logging steps.
+
+A step whose loss, gradient or updated parameters are not all finite leaves params and
+optimizer state untouched and records the first such step in `state.first_bad_step`; the host
+checks it when it fetches metrics and before every save, so a bad step is named exactly without
+a per-step device->host sync, and no checkpoint ever holds the state that came after it.
 """
 from __future__ import annotations
 
@@ -18,11 +23,14 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
-from fixed_slots.models import Params, pure_params, split_params  # noqa: F401 (re-exported)
-from fixed_slots.train.optim import global_norm
+from fixed_slots import models, sharding
+from fixed_slots.models import Params, aggregation, pure_params, split_params
+from fixed_slots.models.common import reports_adjoint
+from fixed_slots.train.optim import global_norm, inf_norm, make_optimizer, param_labels
 
 
 def model_from_params(graphdef: nnx.GraphDef, params: Params) -> nnx.Module:
@@ -36,7 +44,7 @@ class TrainState:
     opt_state: Any  # optax state over a few flat buffers (NamedTuples of arrays)
     step: jax.Array  # [] int32: optimizer steps taken
     first_bad_step: jax.Array  # [] int32: first step with a non-finite loss/gradient, or -1
-    # [] float32, starts at 1: multiplies both groups' updates when decay="validation_plateau";
+    # [] float32, starts at 1: multiplies every group's updates when decay="validation_plateau";
     # a host-side controller changes it between steps (with_lr_scale(state, x)).
     lr_scale: jax.Array
 
@@ -63,21 +71,40 @@ def update_args(decay: str, state: TrainState, loss: jax.Array) -> dict[str, jax
     return {}
 
 
+# The probe's cotangent [B, 3] = (relative residual ||u (I - J) - g|| / ||g||, steps, failed) per
+# example (fixed_point_layer's probe), summarised over the logged steps.
+ADJOINT_METRICS = {
+    "adjoint_residual": aggregation.average("adjoint_residual"),
+    "adjoint_residual_max": aggregation.average("adjoint_residual_max"),
+    "adjoint_steps": aggregation.average("adjoint_steps"),
+    "adjoint_failed": aggregation.average("adjoint_failed"),
+}
+
+
 def adjoint_metrics(probe_cotangent: jax.Array) -> dict[str, jax.Array]:
-    """Scalars of the backward solve from the probe's cotangent [B, 3] = (relative residual
-    ||u (I - J) - g|| / ||g||, steps, failed) per example (fixed_point_layer's probe)."""
+    """Scalars of the backward solve from the probe's cotangent [B, 3]."""
     residual, steps, failed = (probe_cotangent[:, i] for i in range(3))
     return {"adjoint_residual": jnp.mean(residual), "adjoint_residual_max": jnp.max(residual),
             "adjoint_steps": jnp.mean(steps), "adjoint_failed": jnp.mean(failed)}
 
 
+def step_metrics(model_class: type, adjoint_stats: bool) -> type[aggregation.Collection]:
+    """The collection a train step returns: the model's, the gradient norm, the adjoint's."""
+    extra = {"grad_norm": aggregation.average("grad_norm")}
+    if adjoint_stats:
+        extra.update(ADJOINT_METRICS)
+    return aggregation.extend(model_class.train_metrics, **extra)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    decay: str = "none", adjoint_stats: bool = False) -> Callable:
-    """Builds train_step(state, batch, base_key) for a model split as (graphdef, params).
+                    metrics: type[aggregation.Collection], decay: str = "none",
+                    adjoint_stats: bool = False) -> Callable:
+    """Builds train_step(state, batch, base_key) -> (state, metrics collection) for a model
+    split as (graphdef, params).
 
     `decay` is config.optim.decay: it says which extra arguments the optimizer update takes.
-    `adjoint_stats` (grad modes that solve or sum an adjoint: implicit, IB, BB, seriesK): the
-    model gets a zero probe whose cotangent reports the backward solve, logged as the
+    `adjoint_stats` (grad modes that solve or sum an adjoint: implicit, IB, BB, seriesK, BN):
+    the model gets a zero probe whose cotangent reports the backward solve, logged as the
     `adjoint_*` metrics, so a diverging adjoint is never invisible.
     """
 
@@ -91,26 +118,53 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
         if adjoint_stats:
             probe = jnp.zeros((batch["image"].shape[0], 3), jnp.float32)  # [B, 3]
-            (loss, metrics), (grads, probe_ct) = jax.value_and_grad(
+            (loss, values), (grads, probe_ct) = jax.value_and_grad(
                 loss_fn, argnums=(0, 1), has_aux=True)(state.params, probe)
-            metrics = dict(metrics, **adjoint_metrics(probe_ct))
+            values = dict(values, **adjoint_metrics(probe_ct))
         else:
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
-                                                                                None)
+            (loss, values), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
+                                                                               None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                        **update_args(decay, state, loss))
         grad_norm = global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+        # The updated params too: a finite gradient times a huge rate can overflow them (the
+        # max |p| is finite exactly when every entry is; a sum of squares could overflow).
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(inf_norm(new_params)))
         # A non-finite step changes nothing: the select sits in the update's own fusion.
-        params = jax.tree.map(lambda p, u: jnp.where(finite, (p + u).astype(p.dtype), p),
-                              state.params, updates)
+        params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params,
+                              state.params)
         opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state,
                                  state.opt_state)
         first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step,
                               state.first_bad_step)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                                   first_bad_step=first_bad)
-        metrics = dict(metrics, grad_norm=grad_norm)
-        return new_state, metrics
+        return new_state, metrics.single_from_model_output(**values, grad_norm=grad_norm)
 
     return train_step
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bool = True,
+          flat_optimizer: bool = True) -> tuple[nnx.GraphDef, TrainState, Callable]:
+    """(graphdef, initial state replicated on the mesh, jitted train step).
+
+    The step is `step(state, batch, base_key) -> (state, metrics)`, compiled once, with the batch
+    sharded over the data axis. `donate` lets the step write the new state into the old state's
+    buffers (no second copy of params and optimiser state); False only for the before/after
+    memory benchmark. `flat_optimizer=False` (the per-leaf optimizer) only for the before/after
+    kernel counts.
+    """
+    model = models.create(config, rngs=nnx.Rngs(config.seed))
+    graphdef, params = split_params(model)
+    labels = param_labels(params, model.learning_rate_group)
+    tx = make_optimizer(config.optim, labels, flat=flat_optimizer)
+    state = sharding.replicate(TrainState.create(params, tx), mesh)
+    adjoint_stats = reports_adjoint(config)
+    step_fn = make_train_step(graphdef, tx, step_metrics(type(model), adjoint_stats),
+                              decay=config.optim.decay, adjoint_stats=adjoint_stats)
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                     donate_argnums=(0,) if donate else ())
+    return graphdef, state, jitted

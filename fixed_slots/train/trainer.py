@@ -1,42 +1,49 @@
-"""`train_and_evaluate(config, workdir)`: the training loop around the pure train step.
+"""`train(config, workdir)`: the training loop around the pure train step.
 
-Order of things: validate config -> mesh -> model + optimizer -> resume from the latest good
-checkpoint in workdir (else initialise) -> data iterator at its saved position -> loop:
-step, every `log_every_steps` fetch metrics and check for a non-finite step, write scalars,
-images, Jacobian norms at their cadences, save checkpoints; SIGTERM saves and exits cleanly.
+Order of things: check the config -> the data loader (a missing dataset fails before anything is
+written) -> lock the workdir -> mesh, model, optimizer -> resume from the latest good checkpoint
+(else initialise) -> the data iterator at its saved position -> compile the step (said on the
+console, with its time) -> the loop: a step, then whatever is due at this step (`due`): logging
+(metrics to TensorBoard and the console), the validation pass of the official learning-rate
+decay, the Jacobian diagnostic, the picture grids, an evaluation on the held-out images,
+a checkpoint -> at the last step, the full evaluation (WORKDIR/eval/ and eval/* in TensorBoard).
+
+A rerun of a finished run says so, evaluates it if its evaluation is missing, and writes nothing
+otherwise. SIGTERM / Ctrl-C save a checkpoint and stop (twice: stop without saving).
 """
 from __future__ import annotations
 
 import collections
+import enum
+import json
 import os
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from fixed_slots import configlib, log, models
-from fixed_slots.errors import ConfigError, UserError, WorkdirError
+from fixed_slots import configlib, log, models, sharding, visualize
 from fixed_slots.data import pipeline
-from fixed_slots.data.pipeline import make_loader
-from fixed_slots import visualize
-from fixed_slots import sharding
+from fixed_slots.errors import ConfigError, UserError
+from fixed_slots.eval import evaluator as evaluation_loop
+from fixed_slots.models import aggregation
+from fixed_slots.models.common import slot_jacobian_spectral_norm
+from fixed_slots.train import evaluation, optim
 from fixed_slots.train.checkpoint import Checkpointer
-from fixed_slots.train import optim
-from fixed_slots.train.optim import learning_rates
+from fixed_slots.train.console import ProgressLine
 from fixed_slots.train.plateau import ValidationPlateau
-from fixed_slots.train.state import TrainState, build, model_from_params, with_lr_scale
+from fixed_slots.train.train_step import TrainState, build, model_from_params, with_lr_scale
 from fixed_slots.train.workdir import (
     WorkdirLock,
     config_differences,
     config_record,
     refuse_changed_config,
 )
-from fixed_slots.train.writers import ProgressLine, create_writer
-
+from fixed_slots.train.writers import create_writer
 
 RANGES = {
     "seed": configlib.SEED,
@@ -45,15 +52,55 @@ RANGES = {
     "train.log_every_steps": configlib.POSITIVE_INT,
     "train.image_every_steps": configlib.NON_NEGATIVE_INT,
     "train.jacobian_every_steps": configlib.NON_NEGATIVE_INT,
+    "train.eval_every_steps": configlib.NON_NEGATIVE_INT,
     "train.checkpoint_every_steps": configlib.POSITIVE_INT,
     "train.max_checkpoints_to_keep": configlib.OPTIONAL_POSITIVE_INT,
     "train.num_devices": configlib.OPTIONAL_POSITIVE_INT,
 }
 
 
+class Stream(enum.IntEnum):
+    """RNG streams folded into the run's key with the step, so that each is reproducible and
+    independent of the others (the train step folds in the step alone)."""
+    JACOBIAN = 1
+    IMAGES = 2
+    VALIDATION = 3
+
+
+# What TensorBoard shows on each training chart (the model's metrics besides).
+DESCRIPTIONS = {
+    "loss": "Training loss, mean over the steps since the previous point.",
+    "dvae_mse": "SLATE's dVAE reconstruction error (sum over pixels and channels per image).",
+    "cross_entropy": "SLATE's cross-entropy of the decoder's token predictions (sum over "
+                     "tokens per image): how well the slots describe the image.",
+    "grad_norm": "L2 norm of the whole gradient before clipping.",
+    "slot_residual": "Relative residual ||f(z)-z||/||z|| of slot attention's last update.",
+    "steps_per_second": "Training speed between this point and the previous ones (the "
+                        "console's figure at the same step).",
+    "jacobian_spectral_norm": "Largest singular value of d(slot update)/d(slots) at the "
+                              "slots (the paper's Fig. 1b / 5): above 1 the iteration is not "
+                              "a contraction.",
+    "adjoint_residual": "Relative residual of the backward (adjoint) solve, mean over images.",
+    "adjoint_failed": "Fraction of images whose adjoint solve failed (then the policy of "
+                      "slot_attention.fixed_point.adjoint_on_failure applies).",
+    "validation/loss": "The loss on the validation split in evaluation mode: what the "
+                       "official learning-rate decay watches.",
+}
+
+
+def due(step: int, every: int, *, last: int | None = None) -> bool:
+    """Whether something with cadence `every` (0: never) is due at `step`; also at `last`."""
+    return bool(every) and (step % every == 0 or step == last)
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Raised when a step produced a non-finite loss, gradient or parameter; names the step (a
+    run's outcome, usually of its hyperparameters: printed without a traceback)."""
+
+
 def training_only(config: ml_collections.ConfigDict, steps: int, log_every: int
                   ) -> ml_collections.ConfigDict:
-    """A copy that only trains for `steps` (no image or Jacobian summaries, one checkpoint at
+    """A copy that only trains for `steps` (no summaries or evaluations, one checkpoint at
     the end): what the benchmarks time and compare."""
     config = config.copy_and_resolve_references()
     config.train.num_steps = steps
@@ -61,16 +108,17 @@ def training_only(config: ml_collections.ConfigDict, steps: int, log_every: int
     config.train.checkpoint_every_steps = steps
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
+    config.train.eval_every_steps = 0
+    config.train.evaluate_at_end = False
     return config
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every section a training run reads (ConfigError naming the key): the model's (through
-    the model), the data's, the optimiser's and the trainer's own."""
+    the model), the data's, the optimiser's, the evaluation's and the trainer's own."""
     configlib.check_finite(config)
     configlib.check_ranges(config, RANGES)
-    models.check_config(config)
-    pipeline.check_config(config)
+    evaluation_loop.check_config(config)  # the model, the data and config.eval
     optim.check_config(config)
     # The device count decides how the batch splits.
     devices = config.train.num_devices or jax.device_count()
@@ -83,24 +131,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"a multiple of the number of devices ({devices}; set config.train.num_devices)")
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """Raised when a step produced a non-finite loss or gradient; names the step (a run's
-    outcome, usually of its hyperparameters: printed without a traceback)."""
-
-
-def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    flat = {}
-
-    def walk(prefix, node):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, ml_collections.ConfigDict):
-                walk(name + ".", value)
-            else:
-                flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", config)
-    return flat
+def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as TensorBoard hparams (numbers, strings and bools; others as strings)."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in configlib.flatten(config).items()}
 
 
 class _Prefetcher:
@@ -111,21 +145,23 @@ class _Prefetcher:
         self.loader, self.mesh, self.depth = loader, mesh, depth
         self.queue: collections.deque = collections.deque()
 
-    def _fill(self):
-        while len(self.queue) < self.depth:
-            batch = next(self.loader)
-            self.queue.append((sharding.put_batch(batch, self.mesh), self.loader.get_state()))
-
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self):
-        self._fill()
+        while len(self.queue) < self.depth:
+            batch = next(self.loader)
+            self.queue.append((sharding.put_batch(batch, self.mesh), self.loader.get_state()))
         return self.queue.popleft()
 
 
 class _StopFlag:
-    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns.
+    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and returns; a second signal
+    stops at once without saving.
+
+    Signals that arrive while the main thread is inside XLA (a step, a compilation) are all
+    delivered to Python as one call of the handler; the wakeup fd receives one byte per
+    delivery, so two SIGTERMs 50 ms apart still count as two.
 
     In a multi-process job (`coordinated`) every process must stop at the same step: SIGTERM is
     left to JAX's preemption notifier (installed by jax.distributed.initialize), which tells
@@ -136,18 +172,36 @@ class _StopFlag:
     def __init__(self, coordinated: bool = False):
         self.stop = False
         self.coordinated = coordinated
-        self._signalled = False
+        self._count = 0
         self._previous = {}
+        self._wakeup = None
         if threading.current_thread() is threading.main_thread():
             signals = (signal.SIGINT,) if coordinated else (signal.SIGTERM, signal.SIGINT)
+            try:
+                read, write = os.pipe()
+                os.set_blocking(read, False)
+                os.set_blocking(write, False)
+                self._previous_fd = signal.set_wakeup_fd(write)
+                self._wakeup = (read, write)
+            except (ValueError, OSError):  # another owner of the wakeup fd: count calls only
+                self._wakeup = None
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
+    def _deliveries(self) -> int:
+        """Signals delivered since the last look (at least the one being handled)."""
+        if self._wakeup is None:
+            return 1
+        try:
+            return max(1, len(os.read(self._wakeup[0], 1024)))
+        except BlockingIOError:
+            return 1
+
     def _handle(self, signum, frame):
-        if self.stop or self._signalled:  # a second signal: the user wants out now
+        self._count += self._deliveries()
+        if self._count >= 2:  # a second signal: the user wants out now
             self.restore()
             raise KeyboardInterrupt(f"signal {signum} received twice")
-        self._signalled = True
         if self.coordinated:
             log.warning("Received signal %d: every process saves a checkpoint at the same step "
                         "and stops (send it again to stop without saving).", signum)
@@ -160,204 +214,12 @@ class _StopFlag:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _check_finite(state: TrainState, ckpt_dir: str) -> None:
-    bad = int(jax.device_get(state.first_bad_step))
-    if bad >= 0:
-        # first_bad_step counts updates before the bad one; TensorBoard, checkpoints and the
-        # console number a step by the updates done after it: the bad update is step bad + 1.
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {bad + 1}; training stopped. The last good "
-            f"checkpoint is kept in {ckpt_dir} (no state after step {bad} was saved).")
-
-
-def _save(checkpointer: Checkpointer, step: int, state: TrainState, base_key: jax.Array,
-          data_state: Any, writer: Any, metadata: dict, force: bool = False) -> None:
-    """Saves only a state that no non-finite step has touched, with the run's config.
-
-    The writer is flushed first, so every step a checkpoint covers is in the event files even if
-    the process is killed right after (CLU's writer would otherwise hold them until its periodic
-    flush; the tensorboardX writer writes through).
-    """
-    _check_finite(state, checkpointer.directory)
-    writer.flush()
-    checkpointer.save(step, state_pytree={"state": state}, rng=base_key, data_state=data_state,
-                      metadata=metadata, force=force)
-
-
-def _saved_config(checkpointer: Checkpointer) -> dict | None:
-    """The config record of the newest checkpoint whose metadata reads, or None."""
-    for step in reversed(checkpointer.all_steps()):
-        try:
-            return checkpointer.read_metadata(step).get("config")
-        except Exception:  # an unreadable step: restore_latest reports and skips it
-            continue
-    return None
-
-
-def _check_resume_config(checkpointer: Checkpointer, config_flat: dict, workdir: str,
-                         accept_config_change) -> list[str]:
-    """Refuses a resume whose config changes the run; returns the allowed changes."""
-    saved = _saved_config(checkpointer)
-    if saved is None:
-        return []
-    refused, allowed = config_differences(saved, config_flat, accept_config_change)
-    if refused:
-        refuse_changed_config(workdir, refused)
-    return allowed
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       accept_config_change: tuple[str, ...] | list[str] = ()
-                       ) -> list[dict[str, float]]:
-    """Trains (resuming from workdir if it holds checkpoints).
-
-    One run per workdir: a second process on a workdir in use is refused (WorkdirError naming
-    the holder). Resuming with a config that changes the run is refused unless every changed key
-    is in `accept_config_change` (see fixed_slots.train.workdir).
-    Returns the metrics written in this call, one dict per logged step (with its "step").
-    """
-    # Before anything touches a device (validate counts devices): jax.distributed.initialize
-    # refuses to run once the backend exists.
-    sharding.maybe_initialize_distributed()
-    check_config(config)
-    config_flat = config_record(config)
-    unknown = [k for k in accept_config_change if k not in config_flat]
-    if unknown:
-        raise ConfigError(f"--accept_config_change names unknown config keys: "
-                          f"{', '.join(unknown)}")
-    # The data first: a missing dataset fails in seconds, before any model is built and before
-    # the workdir is created.
-    loader = make_loader(config, "train", global_batch_size=config.train.batch_size,
-                         shard_index=jax.process_index(), shard_count=jax.process_count(),
-                         seed=config.seed)
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
-    try:
-        return _train(config, workdir, config_flat, accept_config_change, loader)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
-           accept_config_change, loader) -> list[dict[str, float]]:
-    mesh = sharding.make_mesh(config.train.num_devices)
-    graphdef, state, train_step = build(config, mesh)
-    base_key = jax.random.key(config.seed)
-
-    ckpt_dir = f"{workdir}/checkpoints"
-    checkpointer = Checkpointer(ckpt_dir, max_to_keep=config.train.max_checkpoints_to_keep)
-    try:
-        changes = _check_resume_config(checkpointer, config_flat, workdir, accept_config_change)
-        restored = checkpointer.restore_latest({"state": state})
-    except BaseException:
-        # Closed here, or orbax's background threads die noisily at interpreter exit.
-        checkpointer.close()
-        raise
-    data_state = None
-    if restored is not None:
-        step0, tree, base_key, data_state = restored
-        state = sharding.replicate(tree["state"], mesh)
-        log.info("Resumed from %s at step %d%s.", ckpt_dir, step0,
-                 f" with changes {'; '.join(changes)}" if changes else "")
-    if data_state is not None:
-        loader.set_state(data_state)
-    plateau, validation, validate_every = None, None, 0
-    if config.optim.decay == "validation_plateau":
-        record = (checkpointer.read_metadata(step0).get("plateau", {})
-                  if restored is not None else {})
-        plateau = ValidationPlateau.from_dict(record, config.optim.plateau_patience,
-                                              config.optim.plateau_factor)
-        state = with_lr_scale(state, plateau.scale)
-        validation = _Validation(config, graphdef, mesh)
-        # The official code validates once per epoch of the training split.
-        validate_every = config.optim.validation_every_steps or loader.batches_per_epoch
-    batches = _Prefetcher(loader, mesh)
-
-    writer = create_writer(workdir, just_logging=jax.process_index() > 0)
-    start_step = int(jax.device_get(state.step))
-    if start_step == 0:
-        writer.write_hparams(_flatten_config(config))
-    elif changes:
-        writer.write_texts(start_step, {"config_changes": "\n".join(changes)})
-    num_steps = config.train.num_steps
-    progress = ProgressLine(num_steps, start_step=start_step,
-                            every_steps=config.train.log_every_steps,
-                            show=models.get(config.model.name).progress_metrics,
-                            quiet=jax.process_index() > 0)
-    diagnostics = _Diagnostics(config, graphdef, mesh)
-    stop = _StopFlag(coordinated=jax.process_count() > 1)
-    accumulated, count, history = None, 0, []
-    data_state_now = data_state
-    try:
-        step = start_step
-        while step < num_steps and not stop.stop:
-            batch, data_state_now = next(batches)
-            state, metrics = train_step(state, batch, base_key)
-            step += 1
-            if stop.coordinated and sharding.reached_preemption_sync_point(step):
-                stop.stop = True  # the same step on every process; saved below
-            accumulated = metrics if accumulated is None else _add_metrics(accumulated, metrics)
-            count += 1
-            if step % config.train.log_every_steps == 0 or step == num_steps:
-                _check_finite(state, ckpt_dir)
-                last = {k: float(v) / count for k, v in jax.device_get(accumulated).items()}
-                last.update({f"learning_rate/{k}": v
-                             for k, v in learning_rates(config.optim, step,
-                                                        opt_state=state.opt_state,
-                                                        lr_scale=state.lr_scale).items()})
-                last["steps_per_second"] = progress.rate()
-                writer.write_scalars(step, last)
-                history.append(dict(last, step=step))
-                progress.update(step, last)
-                accumulated, count = None, 0
-            if validate_every and step % validate_every == 0:
-                scalars = validation.run(state.params, base_key, step)
-                if plateau.update(scalars["validation/loss"]):
-                    state = with_lr_scale(state, plateau.scale)
-                    log.info("Step %d: validation loss has not improved for %d evaluations; "
-                             "learning rates scaled to %g of their schedule.", step,
-                             plateau.patience, plateau.scale)
-                scalars["validation/best_loss"] = plateau.best
-                scalars["learning_rate/scale"] = plateau.scale
-                writer.write_scalars(step, scalars)
-            if config.train.jacobian_every_steps and step % config.train.jacobian_every_steps == 0:
-                writer.write_scalars(step, diagnostics.jacobian(state, batch, base_key, step))
-            if config.train.image_every_steps and step % config.train.image_every_steps == 0:
-                writer.write_images(step, diagnostics.images(state, batch, base_key, step))
-            if step % config.train.checkpoint_every_steps == 0 or step == num_steps:
-                _save(checkpointer, step, state, base_key, data_state_now, writer,
-                      _metadata(config_flat, plateau))
-            if step % config.train.log_every_steps and step != num_steps:
-                progress.update(step)
-        if stop.stop and step % config.train.checkpoint_every_steps != 0:
-            _save(checkpointer, step, state, base_key, data_state_now, writer,
-                  _metadata(config_flat, plateau), force=True)
-        if stop.stop and jax.process_index() == 0:
-            log.info("Stopped at step %d of %d, saved in %s: the same command resumes.", step,
-                     num_steps, ckpt_dir)
-    finally:
-        progress.close()
-        stop.restore()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.flush()
-        writer.close()
-    return history
-
-
-# The running sum of the step's metrics: one jitted call per step (an eager add per metric costs
-# ~3x the host time, on the critical path of every step).
-_add_metrics = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
-
-
-def _metadata(config_flat: dict, plateau: ValidationPlateau | None) -> dict:
-    """What each checkpoint carries besides the state: the run's config, the decay counters."""
-    metadata = {"config": config_flat}
-    if plateau is not None:
-        metadata["plateau"] = plateau.to_dict()
-    return metadata
+        self._previous = {}
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
 
 
 class _Validation:
@@ -366,25 +228,25 @@ class _Validation:
 
     def __init__(self, config, graphdef, mesh):
         self.config, self.mesh = config, mesh
-        repl = sharding.replicated(mesh)
         names = models.get(config.model.name).validation_metrics
 
         def losses(params, batch, key, step):
             out = model_from_params(graphdef, params)(batch, key, step, train=False)
             return {name: out.metrics[name] for name in names}
 
-        self._losses = jax.jit(losses, out_shardings=repl)
+        self._losses = jax.jit(losses, out_shardings=sharding.replicated(mesh))
 
     def run(self, params, base_key: jax.Array, step: int) -> dict[str, float]:
         config = self.config
-        loader = make_loader(config, "validation", global_batch_size=config.eval.batch_size,
-                             seed=config.seed, num_epochs=1, shuffle=False)
-        key = jax.random.fold_in(jax.random.fold_in(base_key, step), 3)
+        loader = pipeline.make_loader(config, "validation",
+                                      global_batch_size=config.eval.batch_size,
+                                      seed=config.seed, num_epochs=1, shuffle=False)
+        key = jax.random.fold_in(jax.random.fold_in(base_key, step), Stream.VALIDATION)
         limit = config.optim.validation_batches
         sums: dict[str, float] = collections.defaultdict(float)
         count = 0
-        for index, batch in enumerate(sharding.in_lockstep(loader) if jax.process_count() > 1
-                                      else loader):
+        batches = sharding.in_lockstep(loader) if jax.process_count() > 1 else loader
+        for index, batch in enumerate(batches):
             if limit and index >= limit:
                 break
             out = self._losses(params, sharding.put_batch(batch, self.mesh),
@@ -399,35 +261,341 @@ class _Diagnostics:
     """Jitted, host-side-written extras: Jacobian spectral norm and picture grids."""
 
     def __init__(self, config, graphdef, mesh):
-        self.graphdef = graphdef
         self.num_images = config.eval.num_images
         repl = sharding.replicated(mesh)
-        self._jacobian = jax.jit(self._jacobian_fn, out_shardings=repl)
-        self._images = jax.jit(self._images_fn, out_shardings=repl)
 
-    def _model(self, params):
-        return model_from_params(self.graphdef, params)
+        def jacobian_fn(params, image, key):
+            model = model_from_params(graphdef, params)
+            enc = model.encode_slots(image, key)
+            norms = slot_jacobian_spectral_norm(model, enc, key)  # model.fixed_point_step
+            return {"jacobian_spectral_norm": jnp.mean(norms),
+                    "slot_residual_eval": jnp.mean(enc.info.final_residual)}
 
-    def _jacobian_fn(self, params, image, key):
-        from fixed_slots.models.common import slot_jacobian_spectral_norm
+        def images_fn(params, batch, key, step):
+            return model_from_params(graphdef, params).visualize(batch, key, step)
 
-        model = self._model(params)
-        enc = model.encode_slots(image, key)
-        norms = slot_jacobian_spectral_norm(model, enc, key)  # model.fixed_point_step
-        return {"jacobian_spectral_norm": jnp.mean(norms),
-                "slot_residual_eval": jnp.mean(enc.info.final_residual)}
+        self._jacobian = jax.jit(jacobian_fn, out_shardings=repl)
+        self._images = jax.jit(images_fn, out_shardings=repl)
 
     def jacobian(self, state, batch, base_key, step) -> dict[str, float]:
-        key = jax.random.fold_in(jax.random.fold_in(base_key, step), 1)
+        key = jax.random.fold_in(jax.random.fold_in(base_key, step), Stream.JACOBIAN)
         out = self._jacobian(state.params, batch["image"][: self.num_images], key)
         return {k: float(v) for k, v in jax.device_get(out).items()}
 
-    def _images_fn(self, params, batch, key, step):
-        model = self._model(params)
-        return model.visualize(batch, key, step)
-
-    def images(self, state, batch, base_key, step) -> dict[str, np.ndarray]:
-        key = jax.random.fold_in(jax.random.fold_in(base_key, step), 2)
+    def images(self, state, batch, base_key, step) -> dict[str, Any]:
+        key = jax.random.fold_in(jax.random.fold_in(base_key, step), Stream.IMAGES)
         small = {k: v[: self.num_images] for k, v in batch.items()}
         arrays = jax.device_get(self._images(state.params, small, key, state.step))
         return visualize.model_grids(arrays)
+
+
+def _saved_config(checkpointer: Checkpointer) -> dict | None:
+    """The config record of the newest checkpoint whose metadata reads, or None."""
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            return checkpointer.read_metadata(step).get("config")
+        except Exception:  # an unreadable step: restore_latest reports and skips it
+            continue
+    return None
+
+
+def _evaluated_step(workdir: str) -> int | None:
+    """The step of WORKDIR/eval/metrics.json (a finished full evaluation), or None."""
+    try:
+        with open(os.path.join(workdir, evaluation.EVAL_DIR, "metrics.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# The running sum of the step's metrics: one jitted call per step (an eager merge per metric
+# costs several times the host time, on the critical path of every step).
+_merge = jax.jit(lambda total, new: total.merge(new))
+
+
+class _Run:
+    """One training run in a workdir: the parts the loop uses, built by `_setup`."""
+
+    def __init__(self, config, workdir, loader, accept_config_change):
+        self.config, self.workdir = config, workdir
+        self.primary = jax.process_index() == 0
+        self.config_flat = config_record(config)
+        self.accept = accept_config_change
+        self.loader = loader
+        self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.history: list[dict[str, float]] = []
+        self.writer = None
+
+    # -------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        config = self.config
+        self.mesh = sharding.make_mesh(config.train.num_devices)
+        self.graphdef, self.state, self.train_step = build(config, self.mesh)
+        self.base_key = jax.random.key(config.seed)
+        self.checkpointer = Checkpointer(self.ckpt_dir,
+                                         max_to_keep=config.train.max_checkpoints_to_keep)
+        try:
+            self.changes = self._check_resume_config()
+            restored = self.checkpointer.restore_latest({"state": self.state})
+        except BaseException:
+            # Closed here, or orbax's background threads die noisily at interpreter exit.
+            self.checkpointer.close()
+            raise
+        self.data_state = None
+        self.plateau = None
+        if restored is not None:
+            step, tree, self.base_key, self.data_state = restored
+            self.state = sharding.replicate(tree["state"], self.mesh)
+            log.info("Resumed from %s at step %d%s.", self.ckpt_dir, step,
+                     f" with changes {'; '.join(self.changes)}" if self.changes else "")
+            if self.data_state is not None:
+                self.loader.set_state(self.data_state)
+        self.start_step = int(jax.device_get(self.state.step))
+        if config.optim.decay == "validation_plateau":
+            record = (self.checkpointer.read_metadata(self.start_step).get("plateau", {})
+                      if restored is not None else {})
+            self.plateau = ValidationPlateau.from_dict(record, config.optim.plateau_patience,
+                                                       config.optim.plateau_factor)
+            self.state = with_lr_scale(self.state, self.plateau.scale)
+            self.validation = _Validation(config, self.graphdef, self.mesh)
+            # The official code validates once per epoch of the training split.
+            self.validate_every = (config.optim.validation_every_steps
+                                   or self.loader.batches_per_epoch)
+        self.model_class = models.get(config.model.name)
+        self.evaluator = evaluation_loop.Evaluator(config, self.graphdef, self.mesh)
+
+    def _check_resume_config(self) -> list[str]:
+        """Refuses a resume whose config changes the run; returns the allowed changes."""
+        saved = _saved_config(self.checkpointer)
+        if saved is None:
+            return []
+        refused, allowed = config_differences(saved, self.config_flat, self.accept)
+        if refused:
+            refuse_changed_config(self.workdir, refused)
+        return allowed
+
+    def _open_writer(self) -> Any:
+        if self.writer is None:
+            descriptions = {**DESCRIPTIONS, **evaluation.descriptions()}
+            self.writer = create_writer(self.workdir, just_logging=not self.primary,
+                                        descriptions=descriptions)
+        return self.writer
+
+    # -------------------------------------------------------------------------- the run
+
+    def run(self) -> list[dict[str, float]]:
+        config = self.config
+        num_steps = config.train.num_steps
+        try:
+            if self.start_step >= num_steps:
+                self._finished_already()
+                return self.history
+            writer = self._open_writer()
+            if self.start_step == 0:
+                writer.write_hparams(hparams(config))
+            elif self.changes:
+                writer.write_texts(self.start_step, {"config_changes": "\n".join(self.changes)})
+            self.stop = _StopFlag(coordinated=jax.process_count() > 1)
+            try:
+                step = self._loop()
+            finally:
+                self.stop.restore()
+            if self.stop.stop:
+                if self.primary:
+                    log.info("Stopped at step %d of %d, saved in %s: the same command "
+                             "resumes.", step, num_steps, self.ckpt_dir)
+            elif config.train.evaluate_at_end:
+                self._evaluate(step, full=True)
+        finally:
+            self.checkpointer.wait_until_finished()
+            self.checkpointer.close()
+            if self.writer is not None:
+                self.writer.flush()
+                self.writer.close()
+        return self.history
+
+    def _loop(self) -> int:
+        """Steps until num_steps or a stop request; returns the step reached."""
+        config, train = self.config, self.config.train
+        num_steps = train.num_steps
+        batches = _Prefetcher(self.loader, self.mesh)
+        progress = ProgressLine(num_steps, start_step=self.start_step,
+                                show=self.model_class.progress_metrics, quiet=not self.primary)
+        self.progress, totals, data_state = progress, None, self.data_state
+        step = self.start_step
+        try:
+            while step < num_steps and not self.stop.stop:
+                batch, data_state = next(batches)
+                metrics = self._step(batch, first=step == self.start_step)
+                step += 1
+                totals = metrics if totals is None else _merge(totals, metrics)
+                if self.stop.coordinated and sharding.reached_preemption_sync_point(step):
+                    self.stop.stop = True  # the same step on every process; saved below
+                if due(step, train.log_every_steps, last=num_steps):
+                    self._log(step, totals)
+                    totals = None
+                if self.plateau is not None and due(step, self.validate_every):
+                    self._validate(step)
+                if due(step, train.jacobian_every_steps):
+                    self._write_scalars(step, self.diagnostics.jacobian(
+                        self.state, batch, self.base_key, step))
+                if due(step, train.image_every_steps):
+                    self._open_writer().write_images(step, self.diagnostics.images(
+                        self.state, batch, self.base_key, step))
+                if due(step, train.eval_every_steps) and step < num_steps:
+                    self._evaluate(step, full=False)
+                if due(step, train.checkpoint_every_steps, last=num_steps) or self.stop.stop:
+                    self._save(step, data_state, force=self.stop.stop)
+                progress.tick(step)
+        finally:
+            progress.close()
+        return step
+
+    def _step(self, batch, *, first: bool):
+        """One train step; the first one compiles, said on the console with its time. The
+        compilation runs in a worker thread so that Ctrl-C is heard at once (and acted on
+        right after it)."""
+        if not first:
+            self.state, metrics = self.train_step(self.state, batch, self.base_key)
+            return metrics
+        self.diagnostics = _Diagnostics(self.config, self.graphdef, self.mesh)
+        if self.primary:
+            log.info("Compiling the train step (%s, grad=%s); the first step runs with it ...",
+                     self.config.model.name, self.config.grad)
+        start = time.perf_counter()
+        result: dict[str, Any] = {}
+
+        def work():
+            try:
+                result["out"] = jax.block_until_ready(
+                    self.train_step(self.state, batch, self.base_key))
+            except BaseException as e:  # re-raised in the main thread
+                result["error"] = e
+
+        worker = threading.Thread(target=work, name="compile-train-step", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=0.1)  # the main thread keeps handling signals
+        if "error" in result:
+            raise result["error"]
+        self.state, metrics = result["out"]
+        if self.primary:
+            log.info("Compiled the train step and ran step %d in %.1f s.", self.start_step + 1,
+                     time.perf_counter() - start)
+        self.progress.start()
+        return metrics
+
+    # -------------------------------------------------------------------------- what is due
+
+    def _check_finite(self) -> None:
+        bad = int(jax.device_get(self.state.first_bad_step))
+        if bad < 0:
+            return
+        # first_bad_step counts updates before the bad one; TensorBoard, checkpoints and the
+        # console number a step by the updates done after it: the bad update is step bad + 1.
+        latest = self.checkpointer.latest_step()
+        kept = (f"the last good checkpoint (step {latest}) is kept in {self.ckpt_dir}"
+                if latest is not None else
+                f"no checkpoint was saved before it (the first would have been at step "
+                f"{self.config.train.checkpoint_every_steps})")
+        raise NonFiniteLossError(
+            f"non-finite loss, gradient or parameters at step {bad + 1}; training stopped and "
+            f"{kept}; no state after step {bad} was saved.")
+
+    def _write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self._open_writer().write_scalars(step, scalars)
+
+    def _log(self, step: int, totals: Any) -> None:
+        self._check_finite()
+        values = aggregation.to_host(jax.device_get(totals).compute())
+        values.update({f"learning_rate/{group}": rate for group, rate in optim.learning_rates(
+            self.config.optim, step, opt_state=self.state.opt_state,
+            lr_scale=self.state.lr_scale).items()})
+        values["steps_per_second"] = self.progress.measure(step, values)
+        self._write_scalars(step, values)
+        self.history.append(dict(values, step=step))
+
+    def _validate(self, step: int) -> None:
+        scalars = self.validation.run(self.state.params, self.base_key, step)
+        loss_name = f"validation/{self.model_class.validation_metrics[0]}"
+        if self.plateau.update(scalars[loss_name]):
+            self.state = with_lr_scale(self.state, self.plateau.scale)
+            log.info("Step %d: validation loss has not improved for %d evaluations; learning "
+                     "rates scaled to %g of their schedule.", step, self.plateau.patience,
+                     self.plateau.scale)
+        scalars["validation/best_loss"] = self.plateau.best
+        scalars["learning_rate/scale"] = self.plateau.scale
+        self._write_scalars(step, scalars)
+
+    def _evaluate(self, step: int, *, full: bool) -> None:
+        self._check_finite()
+        evaluation.evaluate_and_record(self.evaluator, self.state.params, step, self.workdir,
+                                       self._open_writer(), full=full, primary=self.primary)
+
+    def _save(self, step: int, data_state: Any, force: bool = False) -> None:
+        """Saves only a state that no non-finite step has touched, with the run's config.
+
+        The writer is flushed first, so every step a checkpoint covers is in the event files
+        even if the process is killed right after.
+        """
+        self._check_finite()
+        self._open_writer().flush()
+        metadata = {"config": self.config_flat}
+        if self.plateau is not None:
+            metadata["plateau"] = self.plateau.to_dict()
+        self.checkpointer.save(step, state_pytree={"state": self.state}, rng=self.base_key,
+                               data_state=data_state, metadata=metadata, force=force)
+
+    def _finished_already(self) -> None:
+        """A rerun of a run that reached num_steps: evaluate it if its evaluation is missing
+        (e.g. killed during it), else say where its results are; nothing else is written."""
+        step = self.start_step
+        results = os.path.join(self.workdir, evaluation.EVAL_DIR)
+        if not self.config.train.evaluate_at_end or _evaluated_step(self.workdir) == step:
+            if self.primary:
+                log.info("This run is complete: step %d of %d in %s%s. Nothing to do "
+                         "(raise --config.train.num_steps and pass --accept_config_change="
+                         "train.num_steps to train further).", step,
+                         self.config.train.num_steps, self.ckpt_dir,
+                         f"; its evaluation is in {results}"
+                         if _evaluated_step(self.workdir) == step else "")
+            return
+        if self.primary:
+            log.info("This run is complete (step %d) but has no evaluation of that step: "
+                     "evaluating it now.", step)
+        self._evaluate(step, full=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          accept_config_change: tuple[str, ...] | list[str] = ()) -> list[dict[str, float]]:
+    """Trains (resuming from workdir if it holds checkpoints), then evaluates the last step
+    (config.train.evaluate_at_end).
+
+    One run per workdir: a second process on a workdir in use is refused (WorkdirError naming
+    the holder). Resuming with a config that changes the run is refused unless every changed key
+    is in `accept_config_change` (see fixed_slots.train.workdir).
+    Returns the metrics logged in this call, one dict per logged step (with its "step").
+    """
+    # Before anything touches a device (the checks count devices): jax.distributed.initialize
+    # refuses to run once the backend exists.
+    sharding.maybe_initialize_distributed()
+    check_config(config)
+    flat = config_record(config)
+    unknown = [k for k in accept_config_change if k not in flat]
+    if unknown:
+        raise ConfigError(f"--accept_config_change names unknown config keys: "
+                          f"{', '.join(unknown)}")
+    # The data first: a missing dataset fails in seconds, before any model is built and before
+    # the workdir is created.
+    loader = pipeline.make_loader(config, "train", global_batch_size=config.train.batch_size,
+                                  shard_index=jax.process_index(),
+                                  shard_count=jax.process_count(), seed=config.seed)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        run = _Run(config, workdir, loader, accept_config_change)
+        run.setup()
+        return run.run()
+    finally:
+        if lock is not None:
+            lock.release()

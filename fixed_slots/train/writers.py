@@ -1,31 +1,24 @@
-"""Dashboards and console progress.
+"""TensorBoard writers.
 
 `create_writer` returns an object with `clu.metric_writers.MetricWriter`'s methods (write_scalars,
 write_images, write_histograms, write_texts, write_hparams, flush, close). With TensorFlow
 installed (the `.[tf]` extra) it is CLU's own `create_default_writer`; without, CLU's writers
 cannot even be imported (the package imports TensorFlow), so it is `TensorboardXWriter`. Both write
 TensorBoard event files under `logdir`: the dashboard is `tensorboard --logdir=...` either way.
-Differences of the tensorboardX path: a batch of images becomes one grid image per tag, and scalars
-are stored as `simple_value` (CLU stores tensors); TensorBoard shows both the same way.
-
-`ProgressLine` prints step, the latest loss (and the model's main metric), steps/s over the recent
-steps and the ETA: one line redrawn in place when its stream is a terminal, else a line of the
-`fixed_slots` logger every `every_steps` steps.
+Differences of the tensorboardX path: a batch of images becomes one grid image per tag, scalars
+are stored as `simple_value` (CLU stores tensors) and carry their descriptions; TensorBoard shows
+both the same way. The console's progress lines are in `fixed_slots.train.console`.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
 
-from fixed_slots import log
 
 
 def _tensorflow_available() -> bool:
@@ -75,16 +68,20 @@ class TensorboardXWriter:
     not drain that queue: a process killed right after "flush" loses the last events (the
     trainer flushes before every checkpoint and promises the checkpointed steps are on disk).
     So events go straight to tensorboardX's record writer here, each call flushed to the OS
-    (a write syscall, ~10 us; logging happens every N steps). Use `AsyncWriter` to take PNG
-    encoding off the caller's thread.
+    (a write syscall, ~10 us; logging happens every N steps).
+
+    `descriptions` (tag -> text) go into the first event of each scalar tag: TensorBoard shows
+    them on the scalar's chart.
     """
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, descriptions: Mapping[str, str] | None = None):
         from tensorboardX.event_file_writer import EventsWriter
 
         self.logdir = os.fspath(logdir)
         os.makedirs(self.logdir, exist_ok=True)
         self._events = EventsWriter(os.path.join(self.logdir, "events"))
+        self._descriptions = dict(descriptions or {})
+        self._described: set[str] = set()
 
     def _write(self, step: int | None, summaries: list[Any]) -> None:
         from tensorboardX.proto import event_pb2
@@ -99,7 +96,14 @@ class TensorboardXWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         from tensorboardX.summary import scalar
 
-        self._write(step, [scalar(name, float(value)) for name, value in scalars.items()])
+        summaries = []
+        for name, value in scalars.items():
+            description = ""
+            if name not in self._described:
+                self._described.add(name)
+                description = self._descriptions.get(name, "")
+            summaries.append(scalar(name, float(value), summary_description=description))
+        self._write(step, summaries)
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         from tensorboardX.summary import image
@@ -168,174 +172,20 @@ class LoggingWriter:
         pass
 
 
-def _to_host(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Device arrays to NumPy now, in the caller's thread (they may be donated right after)."""
-    return {name: value if isinstance(value, str) else np.asarray(value)
-            for name, value in values.items()}
-
-
-class AsyncWriter:
-    """Runs another writer's calls on one background thread, in call order.
-
-    Array conversion to NumPy happens in the caller; PNG encoding, histograms and file IO in the
-    background. An error in the background is raised by the next call, `flush` or `close`.
-    """
-
-    def __init__(self, writer: Any):
-        self._writer = writer
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="metric_writer")
-        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
-
-    def _raise_errors(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0].done()):
-            self._pending.popleft().result()
-
-    def _submit(self, fn: Callable, *args: Any, **kwargs: Any) -> None:
-        self._raise_errors(wait=False)
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        self._submit(self._writer.write_scalars, int(step),
-                     {k: float(v) for k, v in scalars.items()})
-
-    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-        self._submit(self._writer.write_images, int(step), _to_host(images))
-
-    def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                         num_buckets: Mapping[str, int] | int | None = None) -> None:
-        self._submit(self._writer.write_histograms, int(step), _to_host(arrays), num_buckets)
-
-    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        self._submit(self._writer.write_texts, int(step), dict(texts))
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        self._submit(self._writer.write_hparams, dict(hparams))
-
-    def flush(self) -> None:
-        self._raise_errors(wait=True)
-        self._writer.flush()
-
-    def close(self) -> None:
-        try:
-            self._raise_errors(wait=True)
-        finally:
-            self._pool.shutdown(wait=True)
-            self._writer.close()
-
-
-def create_writer(logdir: str, *, just_logging: bool = False, asynchronous: bool = False) -> Any:
+def create_writer(logdir: str, *, just_logging: bool = False,
+                  descriptions: Mapping[str, str] | None = None) -> Any:
     """A MetricWriter-like object writing TensorBoard event files under `logdir`.
 
-    CLU's `create_default_writer` when TensorFlow is importable, else `TensorboardXWriter`
-    (wrapped in `AsyncWriter` when `asynchronous`). `just_logging=True` (e.g. for non-leader
-    hosts) only logs.
+    CLU's `create_default_writer` when TensorFlow is importable (synchronous, so that a flush
+    before a checkpoint puts every covered step on disk), else `TensorboardXWriter`, which also
+    writes each scalar's description (TensorBoard shows it on the chart). `just_logging=True`
+    (e.g. for non-leader hosts) only logs.
     """
     if _tensorflow_available():
         from clu import metric_writers
 
         return metric_writers.create_default_writer(
-            os.fspath(logdir), just_logging=just_logging, asynchronous=asynchronous)
+            os.fspath(logdir), just_logging=just_logging, asynchronous=False)
     if just_logging:
         return LoggingWriter()
-    writer = TensorboardXWriter(logdir)
-    return AsyncWriter(writer) if asynchronous else writer
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as [Nd ]H:MM:SS; "?" when unknown (infinite or NaN)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    days, seconds = divmod(seconds, 86_400)
-    hours, seconds = divmod(seconds, 3_600)
-    minutes, seconds = divmod(seconds, 60)
-    text = f"{hours}:{minutes:02d}:{seconds:02d}"
-    return f"{days}d {text}" if days else text
-
-
-class ProgressLine:
-    """Console progress: step, the latest metrics, steps/s over the recent steps, and the ETA.
-
-    The rate window starts at the first `update`, i.e. after the first step has compiled and
-    run, so compilation (tens of seconds, again after every resume) never enters the speed or
-    the ETA. `update(step, metrics)` with the metrics fetched at a logging step shows them (e.g.
-    `loss 0.812  cross_entropy 0.65`) until the next ones.
-
-    On a terminal (`stream.isatty()`) one line is redrawn in place at most every
-    `min_redraw_seconds` (and at the last step); otherwise a line goes to the `fixed_slots`
-    logger every `every_steps` steps and at the last step.
-    """
-
-    def __init__(self, num_steps: int, *, start_step: int = 0, every_steps: int = 100,
-                 window: int = 50, stream: TextIO | None = None, min_redraw_seconds: float = 0.5,
-                 clock: Callable[[], float] = time.perf_counter,
-                 show: tuple[str, ...] = ("loss",), quiet: bool = False):
-        """`quiet`: keep the figures (rate, ETA) but print nothing (other hosts of a job)."""
-        self.num_steps = int(num_steps)
-        self.every_steps = max(1, int(every_steps))
-        self.min_redraw_seconds = min_redraw_seconds
-        self.show = tuple(show)
-        self._stream = stream if stream is not None else sys.stdout
-        isatty = getattr(self._stream, "isatty", None)
-        self._tty = bool(isatty and isatty())
-        self._clock = clock
-        self._step = int(start_step)
-        self._samples: collections.deque = collections.deque(maxlen=max(2, window))
-        self._metrics: dict[str, float] = {}
-        self._last_draw = -math.inf
-        self._line_open = False
-        self.quiet = quiet
-
-    def rate(self) -> float:
-        """Steps per second over the recent window (0.0 before two updates)."""
-        if len(self._samples) < 2:
-            return 0.0
-        (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
-
-    def eta_seconds(self) -> float:
-        rate = self.rate()
-        return (self.num_steps - self._step) / rate if rate > 0 else math.inf
-
-    def line(self) -> str:
-        step = self._step
-        percent = 100.0 * step / self.num_steps if self.num_steps else 100.0
-        shown = "".join(f"  {name} {self._metrics[name]:.4g}" for name in self.show
-                        if name in self._metrics)
-        rate = f"{self.rate():.2f} steps/s" if len(self._samples) > 1 else "? steps/s"
-        return (f"step {step}/{self.num_steps} ({percent:.1f}%){shown}  {rate}  "
-                f"ETA {format_duration(self.eta_seconds())}")
-
-    def update(self, step: int, metrics: Mapping[str, float] | None = None) -> str | None:
-        """Records that `step` is done (with the metrics logged at it); returns the printed line."""
-        now, step = self._clock(), int(step)
-        self._step = step
-        self._samples.append((now, step))
-        if metrics:
-            self._metrics.update({k: float(v) for k, v in metrics.items() if k in self.show})
-        last = step >= self.num_steps
-        if self.quiet:
-            return None
-        if self._tty:
-            if not last and now - self._last_draw < self.min_redraw_seconds:
-                return None
-            self._last_draw = now
-            text = self.line()
-            # Pad so a shorter line fully covers the previous one.
-            self._stream.write("\r" + text.ljust(79) + ("\n" if last else ""))
-            self._stream.flush()
-            self._line_open = not last
-            return text
-        if step % self.every_steps == 0 or last:
-            text = self.line()
-            log.info("%s", text)
-            return text
-        return None
-
-    def close(self) -> None:
-        """Ends an in-place line so later output starts on a fresh line."""
-        if self._line_open:
-            self._stream.write("\n")
-            self._stream.flush()
-            self._line_open = False
+    return TensorboardXWriter(logdir, descriptions=descriptions)
