@@ -98,27 +98,43 @@ def mask_overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
 MIN_TILE = 64
 _TEXT_RGB = (255, 255, 255)
 _TITLE_MARGIN = 2  # pixels above, below and beside the title lines
+# TensorBoard shows an image card about this many pixels wide (it shrinks wider images to fit):
+# text is drawn large enough to stay readable (>= BASE_FONT pixels) at that width.
+DISPLAY_WIDTH = 480
+BASE_FONT = 11
+# Under every grid of slot masks: what a mask tile shows.
+MASK_LEGEND = ("slot k mask: the input seen through slot k's attention (white where the "
+               "attention goes to other slots)")
 
 
-@functools.lru_cache(maxsize=1)
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
+@functools.lru_cache(maxsize=None)
+def _font(size: int = BASE_FONT) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
 
 
-def _text_width(text: str) -> int:
-    return int(math.ceil(_font().getlength(text)))
+def font_size_for(width: int) -> int:
+    """The font size at which text on an image `width` pixels wide stays >= BASE_FONT pixels
+    when TensorBoard shows the image DISPLAY_WIDTH pixels wide."""
+    return max(BASE_FONT, int(math.ceil(BASE_FONT * width / DISPLAY_WIDTH)))
 
 
-def _line_height() -> int:
-    ascent, descent = _font().getmetrics()
+def _text_width(text: str, size: int = BASE_FONT) -> int:
+    return int(math.ceil(_font(size).getlength(text)))
+
+
+def _line_height(size: int = BASE_FONT) -> int:
+    ascent, descent = _font(size).getmetrics()
     return ascent + descent
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def _wrap(text: str, width: int, size: int = BASE_FONT) -> list[str]:
     """Greedy word wrap to `width` pixels (a word wider than that gets a line of its own)."""
     lines: list[str] = []
     for word in text.split():
-        if lines and _text_width(f"{lines[-1]} {word}") <= width:
+        if lines and _text_width(f"{lines[-1]} {word}", size) <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
@@ -132,17 +148,29 @@ def tile_scale(titles: Sequence[str], width: int, min_tile: int = MIN_TILE) -> i
     return max(1, math.ceil(max(min_tile, widest + 2 * _TITLE_MARGIN) / width))
 
 
+def _title_font_size(titles: Sequence[str], tile_width: int, width: int) -> int:
+    """`font_size_for(width)`, reduced until every word of every title fits its tile."""
+    size = font_size_for(width)
+    inner = tile_width - 2 * _TITLE_MARGIN
+    while size > BASE_FONT and any(_text_width(w, size) > inner
+                                   for t in titles for w in t.split()):
+        size -= 1
+    return size
+
+
 def title_strip(titles: Sequence[str], tile_width: int, pad: int = 2,
                 pad_value: float = PAD_VALUE) -> np.ndarray:
     """Column titles for a grid of len(titles) columns of `tile_width` pixels and `pad` pixels
     between them: uint8 [h, C*tile_width + (C-1)*pad, 3], each title wrapped to its column and
-    centred, light text on the separator colour (`tile_scale` makes every word fit). h fits the
+    centred, light text on the separator colour (`tile_scale` makes every word fit), in a font
+    that stays readable when TensorBoard shrinks the grid (`font_size_for`). h fits the
     longest wrapped title."""
-    inner = tile_width - 2 * _TITLE_MARGIN
-    wrapped = [_wrap(t, inner) for t in titles]
-    line = _line_height()
-    height = max(len(w) for w in wrapped) * line + 2 * _TITLE_MARGIN
     width = len(titles) * tile_width + (len(titles) - 1) * pad
+    size = _title_font_size(titles, tile_width, width)
+    inner = tile_width - 2 * _TITLE_MARGIN
+    wrapped = [_wrap(t, inner, size) for t in titles]
+    line = _line_height(size)
+    height = max(len(w) for w in wrapped) * line + 2 * _TITLE_MARGIN
     background = (int(round(pad_value * 255)),) * 3
     strip = Image.new("RGB", (width, height), background)
     for c, lines in enumerate(wrapped):
@@ -150,16 +178,32 @@ def title_strip(titles: Sequence[str], tile_width: int, pad: int = 2,
         column = Image.new("RGB", (tile_width, height), background)
         draw = ImageDraw.Draw(column)
         for i, text in enumerate(lines):
-            draw.text((tile_width / 2, _TITLE_MARGIN + i * line), text, font=_font(),
+            draw.text((tile_width / 2, _TITLE_MARGIN + i * line), text, font=_font(size),
                       fill=_TEXT_RGB, anchor="ma")
         strip.paste(column, (c * (tile_width + pad), 0))
     return np.asarray(strip, np.uint8)
 
 
+def legend_strip(text: str, width: int, pad_value: float = PAD_VALUE) -> np.ndarray:
+    """`text` wrapped to `width` pixels, left-aligned, light on the separator colour:
+    uint8 [h, width, 3], in the same readable size as the titles of a grid that wide."""
+    size = font_size_for(width)
+    lines = _wrap(text, width - 2 * _TITLE_MARGIN, size)
+    line = _line_height(size)
+    background = (int(round(pad_value * 255)),) * 3
+    strip = Image.new("RGB", (width, len(lines) * line + 2 * _TITLE_MARGIN), background)
+    draw = ImageDraw.Draw(strip)
+    for i, text_line in enumerate(lines):
+        draw.text((_TITLE_MARGIN, _TITLE_MARGIN + i * line), text_line, font=_font(size),
+                  fill=_TEXT_RGB)
+    return np.asarray(strip, np.uint8)
+
+
 def titled_grid(tiles: np.ndarray, titles: Sequence[str], pad: int = 2,
-                min_tile: int = MIN_TILE) -> np.ndarray:
-    """Tiles [R, C, H, W, 3] under a strip of C column titles -> uint8 [T + k*R*H + (R-1)*pad,
-    k*C*W + (C-1)*pad, 3], the tiles enlarged k = `tile_scale(titles, W, min_tile)` times."""
+                min_tile: int = MIN_TILE, legend: str | None = None) -> np.ndarray:
+    """Tiles [R, C, H, W, 3] under a strip of C column titles -> uint8 [T + k*R*H + (R-1)*pad
+    (+ the legend's strip), k*C*W + (C-1)*pad, 3], the tiles enlarged
+    k = `tile_scale(titles, W, min_tile)` times; `legend` is a line of text under the grid."""
     tiles = _as_rgb(tiles)
     if tiles.ndim != 5:
         raise ValueError(f"tiles must be [rows, cols, H, W, 3], got {tiles.shape}")
@@ -168,7 +212,10 @@ def titled_grid(tiles: np.ndarray, titles: Sequence[str], pad: int = 2,
     k = tile_scale(titles, tiles.shape[3], min_tile)
     tiles = np.repeat(np.repeat(tiles, k, axis=2), k, axis=3)
     grid = make_grid(tiles, pad=pad)
-    return np.concatenate([title_strip(titles, tiles.shape[3], pad), grid], axis=0)
+    parts = [title_strip(titles, tiles.shape[3], pad), grid]
+    if legend:
+        parts.append(legend_strip(legend, grid.shape[1]))
+    return np.concatenate(parts, axis=0)
 
 
 def _rows(n: int, max_examples: Optional[int]) -> int:
@@ -209,7 +256,8 @@ def slots_grid(pictures: Pictures, max_examples: Optional[int] = 8, pad: int = 2
                              f"{image.shape[1:]}, got {per_slot.shape}")
         columns.append(per_slot[:rows])
         titles += [f"slot {k + 1}" for k in range(num_slots)]
-    return titled_grid(np.concatenate(columns, axis=1), titles, pad=pad, min_tile=min_tile)
+    return titled_grid(np.concatenate(columns, axis=1), titles, pad=pad, min_tile=min_tile,
+                       legend=MASK_LEGEND)
 
 
 def slot_deletion_grid(images_with_slot_removed: np.ndarray,

@@ -29,8 +29,15 @@ def test_mask_overlay_formula_and_upsampling():
         visualize.mask_overlay(image, np.ones((2, 5, 5)))
 
 
-def _strip_height(grid, rows, tile, pad=2):
-    return grid.shape[0] - (rows * tile + (rows - 1) * pad)
+def _legend_height(grid):
+    return visualize.legend_strip(visualize.MASK_LEGEND, grid.shape[1]).shape[0]
+
+
+def _strip_height(grid, rows, tile, pad=2, legend=True):
+    """The title strip's height: what is left of the grid's height after the tiles (and the
+    mask legend under them)."""
+    return (grid.shape[0] - (rows * tile + (rows - 1) * pad)
+            - (_legend_height(grid) if legend else 0))
 
 
 def test_titles_are_drawn_and_differ():
@@ -74,7 +81,12 @@ def test_slots_grid_layout_for_slate():
     H, W = k * h, k * w
     assert grid.dtype == np.uint8
     top = _strip_height(grid, b, H)
-    assert top > 0 and grid.shape == (top + b * H + (b - 1) * pad, (3 + s) * W + (2 + s) * pad, 3)
+    legend = _legend_height(grid)
+    assert top > 0 and grid.shape == (top + b * H + (b - 1) * pad + legend,
+                                      (3 + s) * W + (2 + s) * pad, 3)
+    # Under the tiles, the legend of the masks.
+    np.testing.assert_array_equal(grid[-legend:], visualize.legend_strip(visualize.MASK_LEGEND,
+                                                                         grid.shape[1]))
     titles = ["input", "dVAE reconstruction", "reconstruction from slots"] + [
         f"slot {i} mask" for i in range(1, s + 1)]
     np.testing.assert_array_equal(grid[:top], visualize.title_strip(titles, W, pad))
@@ -98,7 +110,7 @@ def test_slots_grid_layout_for_slate():
     small = visualize.slots_grid(pictures._replace(image=visualize.to_uint8(images),
                                                    dvae_recon=dvae[..., :1]),
                                  max_examples=1, min_tile=0)
-    assert small.shape == (top + H, grid.shape[1], 3)
+    assert small.shape == (top + H + legend, grid.shape[1], 3)
     with pytest.raises(ValueError, match="masks must be"):
         visualize.slots_grid(pictures._replace(masks=attn[0]))
 
@@ -111,7 +123,8 @@ def test_slots_grid_with_per_slot_images_and_without_recon():
     grid = visualize.slots_grid(ae)
     k = visualize.tile_scale(["reconstruction from slots"], w)
     top = _strip_height(grid, b, k * h)
-    assert grid.shape == (top + b * k * h + pad, (2 + 2 * s) * (k * w + pad) - pad, 3)
+    assert grid.shape == (top + b * k * h + pad + _legend_height(grid),
+                          (2 + 2 * s) * (k * w + pad) - pad, 3)
     titles = (["input", "reconstruction from slots"] + [f"slot {i} mask" for i in (1, 2, 3)]
               + [f"slot {i}" for i in (1, 2, 3)])
     np.testing.assert_array_equal(grid[:top], visualize.title_strip(titles, k * w, pad))
@@ -130,7 +143,7 @@ def test_slot_deletion_grid():
     removed = rng.random((b, s, h, w, 3)).astype(np.float32)
     grid = visualize.slot_deletion_grid(removed)
     k = visualize.tile_scale(["without"], w)
-    top = _strip_height(grid, b, k * h)
+    top = _strip_height(grid, b, k * h, legend=False)  # no masks here, no legend
     assert grid.dtype == np.uint8 and grid.shape == (top + b * k * h + pad,
                                                      s * k * w + (s - 1) * pad, 3)
     np.testing.assert_array_equal(grid[:top], visualize.title_strip(
@@ -185,3 +198,19 @@ def test_model_grids_names_and_titles():
     assert set(grids) == {"reconstruction", "slot_deletion"}
     np.testing.assert_array_equal(grids["slot_deletion"], visualize.slot_deletion_grid(
         other.slot_deletion, other.image, "input"))
+
+
+def test_text_stays_readable_when_tensorboard_shrinks_a_wide_grid():
+    """TensorBoard shows an image about DISPLAY_WIDTH pixels wide: the font grows with the
+    grid's width so that the titles stay >= BASE_FONT pixels there."""
+    assert visualize.font_size_for(400) == visualize.BASE_FONT
+    assert visualize.font_size_for(2 * visualize.DISPLAY_WIDTH) == 2 * visualize.BASE_FONT
+    narrow = visualize.title_strip(["input", "slot 1 mask"], tile_width=64)
+    wide = visualize.title_strip(["input"] + [f"slot {k} mask" for k in range(1, 10)],
+                                 tile_width=96)
+    assert wide.shape[1] > 2 * visualize.DISPLAY_WIDTH
+    # Taller text lines on the wide strip: its font is larger.
+    assert wide.shape[0] > narrow.shape[0]
+    rows = np.nonzero((wide > 200).any(axis=(1, 2)))[0]
+    ink_height = rows.max() - rows.min() + 1
+    assert ink_height * visualize.DISPLAY_WIDTH / wide.shape[1] >= 6  # still legible shrunk
