@@ -117,18 +117,35 @@ def check_preprocess_options(image_size: int, crop: str) -> None:
 
 
 class Preprocess(grain.MapTransform):
-    """grain map transform around `preprocess_example` (picklable for worker processes)."""
+    """grain map transform around `preprocess_example` (picklable for worker processes).
 
-    def __init__(self, image_size: int, crop: str, target_layout: TargetLayout | None):
+    With `max_mask_id` set, a mask holding a larger instance id raises a ConfigError: ARI/FG-ARI
+    count the ids 0..config.data.max_objects and would silently drop the other objects' pixels.
+    """
+
+    def __init__(self, image_size: int, crop: str, target_layout: TargetLayout | None,
+                 max_mask_id: int | None = None, where: str = "this dataset"):
         check_preprocess_options(image_size, crop)
         self.image_size = int(image_size)
         self.crop = crop
         self.target_layout = target_layout
+        self.max_mask_id = None if max_mask_id is None else int(max_mask_id)
+        self.where = where
 
     def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-        return preprocess_example(
+        out = preprocess_example(
             element, image_size=self.image_size, crop=self.crop, target_layout=self.target_layout
         )
+        if self.max_mask_id is not None and "mask" in out:
+            top = int(out["mask"].max())
+            if top > self.max_mask_id:
+                raise ConfigError(
+                    f"{self.where} has masks with instance id {top} but "
+                    f"config.data.max_objects={self.max_mask_id}: ARI/FG-ARI count ids "
+                    f"0..max_objects only; set --config.data.max_objects={top} or more (or "
+                    f"--config.eval.segmentation_metrics=False)"
+                )
+        return out
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -270,10 +287,14 @@ def make_loader(
         num_epochs=num_epochs,
         seed=int(seed),
     )
-    operations = [Preprocess(image_size, crop, sources.target_layout(source))]
+    where = f"dataset {data.name!r} split {sources.canonical_split(split)!r}"
+    # The models score ARI/FG-ARI with ids 0..data.max_objects when eval.segmentation_metrics.
+    evaluation = config.get("eval")
+    scored = evaluation is not None and bool(evaluation.get("segmentation_metrics", False))
+    max_mask_id = data.get("max_objects") if scored else None
+    operations = [Preprocess(image_size, crop, sources.target_layout(source), max_mask_id, where)]
     if max_visible is not None:
         # Filtering makes batches_per_epoch an upper bound; the stream itself stays exact.
-        where = f"dataset {data.name!r} split {sources.canonical_split(split)!r}"
         operations.append(KeepAtMostObjects(max_visible, where=where))
     operations.append(grain.Batch(per_host_batch, drop_remainder=True))
     loader = grain.DataLoader(

@@ -4,11 +4,12 @@
 `RandomAccessDataSource` protocol) whose records are dicts of NumPy arrays in one schema:
 
     image        uint8   [h, w, 3]      every dataset (original resolution; the pipeline resizes)
-    mask         uint8   [h, w]         instance ids, 0 = background (synthetic, coco, clevr masks)
+    mask         uint8   [h, w]         instance ids, 0 = background (synthetic, coco, the clevr
+                                        datasets built with masks; clevr_mirror: mirror = 0)
     position     float32 [K, P]         synthetic: (y, x) in [0, 1]; clevr: (3d_coords + 3) / 6
     shape, color, size   int32 [K]      synthetic and clevr_with_masks (+ material for clevr)
     visible      float32 [K]            1 for objects present and visible
-    num_objects  int32   []
+    num_objects  int32   []             (clevr_mirror: when built with scenes/)
     category, is_crowd   int32 [COCO_MAX_INSTANCES]   coco (category 0 = padding)
 
 Config keys read from `config.data` (an ml_collections ConfigDict):
@@ -322,7 +323,13 @@ class TfdsSource:
         return np.asarray(raw["image"], np.uint8)  # [h, w, 3]
 
     def _convert_clevr_mirror(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
-        return {"image": self._image(raw)}
+        out = {"image": self._image(raw)}
+        # Builds of 1.0.0 have neither; masks are all-or-nothing per build (batches stay uniform).
+        if raw.get("mask_png"):
+            out["mask"] = self._decode_mask(raw["mask_png"], index)  # 0 = floor, sky and mirror
+        if int(raw.get("num_objects", -1)) >= 0:
+            out["num_objects"] = np.int32(raw["num_objects"])
+        return out
 
     def _convert_shapestacks(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         return {"image": self._image(raw)}
