@@ -221,6 +221,65 @@ def test_failed_overwrite_keeps_the_previous_build(tmp_path, capsys):
     assert len(sources.get_source(_config("clevr_mirror", str(out)).data, "train")) == 2
 
 
+def _records(out, name="clevr_mirror"):
+    """{split: sorted stored filenames} of a build."""
+    cfg = _config(name, str(out))
+    found = {}
+    for split in ("train", "validation", "test"):
+        source = sources.get_source(cfg.data, split)
+        found[split] = sorted(source._source[i]["filename"].decode()  # pylint: disable=protected-access
+                              for i in range(len(source)))
+    return found
+
+
+def test_16_bit_png_is_scaled_not_saturated(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    values = (0, 255, 30000, 65535)  # 16-bit gray (PIL mode I;16)
+    for i, value in enumerate(values):
+        os.makedirs(src, exist_ok=True)
+        PIL.Image.fromarray(np.full((4, 4), value, np.uint16)).save(src / f"{i}.png")
+    assert PIL.Image.open(src / "2.png").mode == "I;16"
+    cli.build("clevr_mirror", str(src), str(out))
+    cfg = _config("clevr_mirror", str(out))
+    stored = sorted(int(source[i]["image"][0, 0, 0]) for split in ("train", "validation", "test")
+                    for source in [sources.get_source(cfg.data, split)] for i in range(len(source)))
+    assert stored == [0, 0, 117, 255]  # the high byte, as PIL reduces 16-bit colour PNGs
+    img = PIL.Image.new("F", (4, 4), 0.5)  # floating-point pixels: refused, named
+    with pytest.raises(BadImageError, match="f.tif has floating-point pixels"):
+        from data_prep.builders import to_rgb  # pylint: disable=import-outside-toplevel
+        to_rgb(img, str(src / "f.tif"))
+
+
+def test_symlink_loop_reads_each_file_once(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    _mirror_tree(src)  # 10 images
+    os.symlink(".", src / "loop")  # the issue's repro: 287/61/62 records, each image everywhere
+    os.symlink("05.png", src / "05_again.png")  # a second name of one file
+    cli.build("clevr_mirror", str(src), str(out))
+    found = _records(out)
+    assert {split: len(names) for split, names in found.items()} == {
+        "train": 7, "validation": 1, "test": 2}
+    names = [n for split in found.values() for n in split]
+    assert sorted(names) == [f"{i:02d}.png" for i in range(10)]  # each file once, its own name
+    # The generator's layout: a symlinked duplicate in images/ counts once (its mask once).
+    src2 = tmp_path / "src2"
+    _mirror_generator_tree(src2, objects_per_scene=(3, 3, 3, 3, 3))
+    os.symlink("CLEVR_new_0000000001.png", src2 / "images" / "CLEVR_new_0000000009.png")
+    os.symlink(".", src2 / "images" / "loop")
+    cli.build("clevr_mirror", str(src2), str(tmp_path / "tfds2"))
+    assert sum(len(v) for v in _records(tmp_path / "tfds2").values()) == 5
+
+
+def test_one_file_in_two_split_folders_is_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    for split in ("train", "val", "test"):
+        _noise_png(str(src / split / "0.png"), seed=len(split))
+    os.symlink(src / "train" / "0.png", src / "test" / "1.png")
+    line = _one_error_line(capsys, src, tmp_path / "tfds")
+    assert f"{src / 'test' / '1.png'} and {src / 'train' / '0.png'} are the same file" in line
+    assert "'test' and 'train' split folders" in line
+
+
 # ---------------------------------------------------------------------------- training time
 
 
