@@ -34,10 +34,13 @@ each epoch is split disjointly, and the iterator state is the same on every host
 Worker processes (config.data.num_workers > 0) each batch their own slice of the records, so
 the batches depend on the worker count: a saved state resumes only with the same value (grain
 refuses another; `set_state` says so as a DataError), as with the same dataset, split and seed.
+Where the dataset lies does not matter: a state resumes on the same build moved elsewhere
+(config.data.data_dir or $TFDS_DATA_DIR changed).
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterator
 
 import grain.python as grain
@@ -154,13 +157,35 @@ def ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+# repr(TfdsSource) before it stopped naming the data's location (states saved by older runs).
+_LOCATED_SOURCE = re.compile(r"TfdsSource\(name=('[^']*'), split=('[^']*'), data_dir=.*\)", re.S)
+
+
+def _relocated(state: bytes, source: Any) -> bytes:
+    """`state` with an older TfdsSource repr (which named data_dir) of `source`'s own dataset and
+    split replaced by `repr(source)`, so that grain accepts it; any other state unchanged."""
+    try:
+        decoded = json.loads(state.decode())
+        stored = decoded["data_source"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return state  # grain's own check reports it
+    match = _LOCATED_SOURCE.fullmatch(stored) if isinstance(stored, str) else None
+    same = match is not None and (match.group(1), match.group(2)) == (
+        repr(getattr(source, "name", None)), repr(getattr(source, "split", None)))
+    if not same:
+        return state
+    decoded["data_source"] = repr(source)
+    return json.dumps(decoded, indent=4).encode()
+
+
 class DataIterator:
     """Iterator over batches with resumable state (wraps grain's DataLoader iterator)."""
 
-    def __init__(self, loader: grain.DataLoader, batches_per_epoch: int):
+    def __init__(self, loader: grain.DataLoader, batches_per_epoch: int, source: Any = None):
         self._loader = loader
         self._iterator = iter(loader)
         self.batches_per_epoch = batches_per_epoch
+        self._source = source
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -178,6 +203,8 @@ class DataIterator:
             state = json.dumps(state)
         if isinstance(state, str):
             state = state.encode()
+        if self._source is not None:
+            state = _relocated(state, self._source)
         try:
             self._iterator.set_state(state)
         except (ValueError, KeyError, TypeError) as e:
@@ -304,4 +331,4 @@ def make_loader(
         worker_count=num_workers,
         shard_options=grain.NoSharding(),  # the sampler picks this host's records
     )
-    return DataIterator(loader, batches_per_epoch)
+    return DataIterator(loader, batches_per_epoch, source)

@@ -214,9 +214,9 @@ class TfdsSource:
                               f"{DATASETS}")
         self.name = name
         self.split = canonical_split(split)
-        # The configured value, not the resolved path: grain checks repr(source) on restore.
-        self.data_dir = "" if data_dir is None else str(data_dir)
+        self.data_dir = "" if data_dir is None else str(data_dir)  # as configured (messages)
         self.builder_dir = find_builder_dir(name, self.data_dir)
+        self.version = os.path.basename(self.builder_dir)
         rebuild = build_command(name, resolve_data_dir(self.data_dir), overwrite=True)
         for filename in ("dataset_info.json", "features.json"):
             _check_json(os.path.join(self.builder_dir, filename), name, rebuild)
@@ -277,8 +277,12 @@ class TfdsSource:
         return record
 
     def __repr__(self) -> str:
-        # grain stores repr(source) in iterator checkpoints and checks it on restore.
-        return f"TfdsSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
+        # grain stores repr(source) in iterator checkpoints and refuses a restore where it differs:
+        # what the records are (dataset, split, build version, count), not where they lie, so a
+        # dataset moved (config.data.data_dir, $TFDS_DATA_DIR) resumes. `pipeline.DataIterator`
+        # accepts the older form, which named data_dir, for the same dataset and split.
+        return (f"TfdsSource(name={self.name!r}, split={self.split!r}, version={self.version!r}, "
+                f"num_records={self._length})")
 
     def _corrupt(self, index: int, problem: str) -> CorruptRecordError:
         return CorruptRecordError(
