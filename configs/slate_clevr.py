@@ -1,6 +1,6 @@
 """SLATE + implicit slot attention on CLEVR-Mirror at 96x96 (the paper's Table 3 setting).
 
-Build the data first: python -m data_prep build clevr_mirror --source=DIR --data_dir=DIR
+Build the data first: python -m fixed_slots.data_prep build clevr_mirror --source=DIR --data_dir=DIR
 Run: python main.py --config=configs/slate_clevr.py --config.grad=neumann1 --workdir=W
      --config.data.data_dir=DIR   (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)
 Images are resized whole (no crop), as the authors' loader does. Built from the generator's

@@ -12,8 +12,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from data_prep import cli
-from data_prep.builders import BadImageError, SourceLayoutError
+from fixed_slots.data_prep import cli
+from fixed_slots.data_prep.builders import BadImageError, SourceLayoutError
 from fixed_slots.data import pipeline, sources
 from fixed_slots.errors import ConfigError, DataError, UserError
 from helpers import load_config
@@ -227,8 +227,8 @@ def _records(out, name="clevr_mirror"):
     found = {}
     for split in ("train", "validation", "test"):
         source = sources.get_source(cfg.data, split)
-        found[split] = sorted(source._source[i]["filename"].decode()  # pylint: disable=protected-access
-                              for i in range(len(source)))
+        raw = source._source  # pylint: disable=protected-access
+        found[split] = sorted(raw[i]["filename"].decode() for i in range(len(source)))
     return found
 
 
@@ -246,7 +246,7 @@ def test_16_bit_png_is_scaled_not_saturated(tmp_path):
     assert stored == [0, 0, 117, 255]  # the high byte, as PIL reduces 16-bit colour PNGs
     img = PIL.Image.new("F", (4, 4), 0.5)  # floating-point pixels: refused, named
     with pytest.raises(BadImageError, match="f.tif has floating-point pixels"):
-        from data_prep.builders import to_rgb  # pylint: disable=import-outside-toplevel
+        from fixed_slots.data_prep.builders import to_rgb  # pylint: disable=import-outside-toplevel
         to_rgb(img, str(src / "f.tif"))
 
 
@@ -286,7 +286,7 @@ def test_one_file_in_two_split_folders_is_refused(tmp_path, capsys):
 @pytest.fixture(name="corrupt_build")
 def _corrupt_build(tmp_path, monkeypatch):
     """A clevr_mirror build holding one truncated PNG record, as an unchecked build made it."""
-    import data_prep.builders.clevr_mirror as mirror  # pylint: disable=import-outside-toplevel
+    import fixed_slots.data_prep.builders.clevr_mirror as mirror  # pylint: disable=import-outside-toplevel
 
     src, out = tmp_path / "src", tmp_path / "tfds"
     _mirror_tree(src)
@@ -365,7 +365,7 @@ def test_broken_metadata_names_the_file_and_the_rebuild(good_build, filename):
         sources.get_source(_config("clevr_mirror", str(out)).data, "train")
     first, second = str(err.value).splitlines()
     assert f"{version_dir / filename} is not valid JSON" in first
-    assert second == ("rebuild it with: python -m data_prep build clevr_mirror --source=DIR "
+    assert second == ("rebuild it with: python -m fixed_slots.data_prep build clevr_mirror --source=DIR "
                       f"--data_dir={out} --overwrite")
     (version_dir / filename).write_text("[]")  # valid JSON, not what TFDS expects
     with pytest.raises(DataError, match=f"cannot read its metadata in {version_dir}"):
@@ -384,7 +384,7 @@ def test_unset_data_dir_uses_the_tfds_default(tmp_path, monkeypatch, good_build)
     first, second = str(err.value).splitlines()
     assert f"{default / 'clevr_mirror'} does not exist" in first and "None" not in first
     assert "~/tensorflow_datasets" in first
-    assert second.startswith("build it with: python -m data_prep build clevr_mirror "
+    assert second.startswith("build it with: python -m fixed_slots.data_prep build clevr_mirror "
                              f"--source=DIR --data_dir={default}  ")
     # $TFDS_DATA_DIR wins over the home default, for reading and for `data_prep build`.
     out, _ = good_build

@@ -10,9 +10,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from data_prep import cli
-from data_prep.builders import SourceLayoutError
-from data_prep.builders.coco import decode_rle_string, polygons_to_mask, rle_to_mask
+from fixed_slots.data_prep import cli
+from fixed_slots.data_prep.builders import SourceLayoutError
+from fixed_slots.data_prep.builders.coco import decode_rle_string, polygons_to_mask, rle_to_mask
 from fixed_slots.data import pipeline, sources
 
 

@@ -162,7 +162,7 @@ def test_missing_tfds_dataset_says_how_to_build(tmp_path):
         sources.get_source(cfg.data, "train")
     msg = str(err.value)
     assert str(tmp_path / "coco") in msg
-    assert f"python -m data_prep build coco --source=DIR --data_dir={tmp_path}" in msg
+    assert f"python -m fixed_slots.data_prep build coco --source=DIR --data_dir={tmp_path}" in msg
     assert isinstance(err.value, DataError) and isinstance(err.value, FileNotFoundError)
     with pytest.raises(ConfigError, match="config.data.name='mnist' is not a dataset"):
         sources.get_source(_config(name="mnist").data, "train")
@@ -189,7 +189,7 @@ def test_state_resumes_on_a_moved_dataset(tmp_path):
     import json  # pylint: disable=import-outside-toplevel
     import os  # pylint: disable=import-outside-toplevel
 
-    from data_prep import cli  # pylint: disable=import-outside-toplevel
+    from fixed_slots.data_prep import cli  # pylint: disable=import-outside-toplevel
 
     src, old, new = tmp_path / "src", tmp_path / "old", tmp_path / "new"
     for i in range(10):

@@ -1,4 +1,5 @@
-"""Random-access data sources: the embedded synthetic scenes and datasets built by `data_prep`.
+"""Random-access data sources: the embedded synthetic scenes and the datasets that
+`fixed_slots.data_prep` builds.
 
 `get_source(config.data, split)` returns an object with `__len__` and `__getitem__` (grain's
 `RandomAccessDataSource` protocol) whose records are dicts of NumPy arrays in one schema:
@@ -14,9 +15,9 @@
 
 Config keys read from `config.data` (an ml_collections ConfigDict):
     name          "synthetic" | "clevr_mirror" | "shapestacks" | "coco" | "clevr_with_masks"
-    data_dir      root that `python -m data_prep build NAME --data_dir=DIR` wrote to (TFDS
-                  datasets); None or "" means TFDS's convention: $TFDS_DATA_DIR, else
-                  ~/tensorflow_datasets (also `data_prep build`'s default)
+    data_dir      root that `python -m fixed_slots.data_prep build NAME --data_dir=DIR` wrote
+                  to (TFDS datasets); None or "" means TFDS's convention: $TFDS_DATA_DIR, else
+                  ~/tensorflow_datasets (also `fixed_slots.data_prep build`'s default)
     image_size    int, side of the square images the pipeline produces
     seed          synthetic scene seed
     num_train     synthetic only: number of training scenes
@@ -35,10 +36,10 @@ an error that says how to build it. Reading is array_record + NumPy + PIL (image
 here, not by TFDS): no TensorFlow, no OpenCV.
 
 Failures are `fixed_slots.errors.DataError`s that name what to fix: a dataset not built (the
-directory looked in and the exact `data_prep build` command), unreadable metadata (the file and
-the rebuild command), a missing split, and a record that cannot be decoded or has the wrong shape
-(dataset, split, record index). They are raised where the record is read, in grain worker
-processes too, and grain re-raises them unchanged in the training process.
+directory looked in and the exact `fixed_slots.data_prep build` command), unreadable metadata
+(the file and the rebuild command), a missing split, and a record that cannot be decoded or has
+the wrong shape (dataset, split, record index). They are raised where the record is read, in
+grain worker processes too, and grain re-raises them unchanged in the training process.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ SPLIT_ALIASES = {
     "test": "test",
 }
 
-# CLEVR vocabularies, in the order of TFDS's `clevr` ClassLabels; data_prep maps names to these ids.
+# CLEVR vocabularies, in the order of TFDS's `clevr` ClassLabels; fixed_slots.data_prep maps names
+# to these ids.
 CLEVR_SHAPES = ("cube", "sphere", "cylinder")
 CLEVR_COLORS = ("gray", "blue", "brown", "yellow", "red", "green", "purple", "cyan")
 CLEVR_SIZES = ("small", "large")
@@ -118,13 +120,13 @@ def resolve_data_dir(data_dir: str | None) -> str:
 def build_command(name: str, data_dir: str, *, overwrite: bool = False) -> str:
     """The exact command that builds dataset `name` into `data_dir`."""
     flag = " --overwrite" if overwrite else ""
-    return f"python -m data_prep build {name} --source=DIR --data_dir={data_dir}{flag}"
+    return f"python -m fixed_slots.data_prep build {name} --source=DIR --data_dir={data_dir}{flag}"
 
 
 def _build_hint(name: str, data_dir: str, *, overwrite: bool = False) -> str:
     return (
         f"build it with: {build_command(name, data_dir, overwrite=overwrite)}  (DIR: your copy "
-        f"of the official files; `python -m data_prep list` shows the layouts)"
+        f"of the official files; `python -m fixed_slots.data_prep list` shows the layouts)"
     )
 
 
@@ -142,7 +144,7 @@ def find_builder_dir(name: str, data_dir: str | None) -> str:
     """The newest `data_dir/name/<version>` holding a built dataset, or a clear error.
 
     `data_dir` None or "" means `default_data_dir()`. Errors name the directory looked in and
-    the `data_prep build` command that creates it (two lines).
+    the `fixed_slots.data_prep build` command that creates it (two lines).
     """
     resolved = resolve_data_dir(data_dir)
     root = os.path.join(resolved, name)
@@ -204,7 +206,7 @@ def _padded(values: Any, length: int, dtype: Any) -> np.ndarray:
 
 
 class TfdsSource:
-    """One split of a dataset built by `data_prep`, records converted to the common schema."""
+    """One split of a dataset built by `fixed_slots.data_prep`, records in the common schema."""
 
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

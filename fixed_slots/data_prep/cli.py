@@ -1,8 +1,8 @@
 """Command line: build the TFDS (array_record) datasets from local copies of their official files.
 
-    python -m data_prep build NAME --source=DIR [--data_dir=DIR] [--max_examples N]
+    python -m fixed_slots.data_prep build NAME --source=DIR [--data_dir=DIR] [--max_examples N]
                                    [--split_name S] [--overwrite]
-    python -m data_prep list
+    python -m fixed_slots.data_prep list
 
 NAME is one of clevr_mirror, shapestacks, coco, clevr_with_masks; --source is the dataset's
 official layout on local disk (see `list`), --data_dir the TFDS root that training reads through
@@ -21,7 +21,7 @@ import shutil
 import sys
 from typing import Sequence
 
-from data_prep.builders import BUILDERS, builder_class, builder_module
+from fixed_slots.data_prep.builders import BUILDERS, builder_class, builder_module
 from fixed_slots.data.sources import default_data_dir
 from fixed_slots.errors import DataError
 
@@ -124,7 +124,7 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog="python -m fixed_slots.data_prep",
         description="Build TFDS array_record datasets from local copies of the official files.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

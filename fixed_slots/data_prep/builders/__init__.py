@@ -33,10 +33,10 @@ from fixed_slots.errors import DataError
 
 # name -> (module, class): imported on demand so that `--help` stays fast.
 BUILDERS = {
-    "clevr_mirror": ("data_prep.builders.clevr_mirror", "ClevrMirror"),
-    "shapestacks": ("data_prep.builders.shapestacks", "Shapestacks"),
-    "coco": ("data_prep.builders.coco", "Coco"),
-    "clevr_with_masks": ("data_prep.builders.clevr", "ClevrWithMasks"),
+    "clevr_mirror": ("fixed_slots.data_prep.builders.clevr_mirror", "ClevrMirror"),
+    "shapestacks": ("fixed_slots.data_prep.builders.shapestacks", "Shapestacks"),
+    "coco": ("fixed_slots.data_prep.builders.coco", "Coco"),
+    "clevr_with_masks": ("fixed_slots.data_prep.builders.clevr", "ClevrWithMasks"),
 }
 
 

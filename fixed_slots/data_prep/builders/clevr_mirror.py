@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_prep.builders import (
+from fixed_slots.data_prep.builders import (
     LocalBuilder,
     SourceLayoutError,
     encode_png,
@@ -54,7 +54,7 @@ DEFAULT_MIRROR_ID = 255
 
 
 class Entry(NamedTuple):
-    """One scene of the source: its image, and its mask and scene record when the layout has them."""
+    """One scene of the source: its image; its mask and scene record where the layout has them."""
 
     image: str
     mask: str | None
@@ -274,7 +274,7 @@ def validate_source(source: str) -> dict[str, list[Entry]]:
 
 
 class ClevrMirror(LocalBuilder, skip_registration=True):
-    """CLEVR-Mirror images (Singh et al., ICLR 2022), with instance masks when the source has them."""
+    """CLEVR-Mirror images (Singh et al., ICLR 2022), with instance masks if the source has them."""
 
     VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {
@@ -308,7 +308,7 @@ class ClevrMirror(LocalBuilder, skip_registration=True):
     def _generate_examples(self, source: str, entries: list[Entry]) -> Iterator[tuple[str, dict]]:
         for entry in entries:
             rel = os.path.relpath(entry.image, source)
-            image, size = image_for_tfds(entry.image, "png")  # decoded and checked: names a bad file
+            image, size = image_for_tfds(entry.image, "png")  # decoded, checked: names a bad file
             mask_png, num = b"", -1
             if entry.mask is not None:
                 ids, num = object_ids(entry, size)
