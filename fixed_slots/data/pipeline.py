@@ -218,11 +218,6 @@ class DataIterator:
                 f"saved\n({type(e).__name__}: {detail[:400]})"
             ) from e
 
-    @property
-    def grain_iterator(self) -> grain.PyGrainDatasetIterator:
-        """The underlying grain iterator (e.g. for orbax's grain checkpoint handler)."""
-        return self._iterator
-
 
 class KeepAtMostObjects(grain.FilterTransform):
     """Keeps examples with at most `limit` visible objects (CLEVR6: `max_n_objects=6`).
