@@ -21,10 +21,14 @@ from test_data_prep import _clevr_tree, _coco_tree, _mirror_generator_tree, _sha
 
 
 def _config(name, data_dir, **overrides):
-    data = dict(name=name, data_dir=data_dir, image_size=8, seed=0, crop="none", num_workers=0,
-                num_train=32, num_eval=8, min_objects=1, max_objects=3)
-    data.update(overrides)
-    return ml_collections.ConfigDict({"data": data})
+    """The default experiment's config with a small data section for dataset `name`."""
+    config = load_config("default")
+    config.data.update(dict(name=name, data_dir=data_dir, image_size=8, seed=0, crop="none",
+                            num_workers=0, num_train=32, num_eval=8, min_objects=1,
+                            max_objects=3))
+    config.data.update(overrides)
+    config.eval.segmentation_metrics = False
+    return config
 
 
 def _noise_png(path, h=32, w=32, seed=0):
@@ -198,7 +202,7 @@ def test_too_few_mask_ids_for_the_metrics_is_a_config_error(tmp_path):
     _mirror_generator_tree(src, objects_per_scene=(3, 3, 3, 3))
     cli.build("clevr_mirror", str(src), str(out))
     cfg = _config("clevr_mirror", str(out), max_objects=2)
-    cfg.eval = ml_collections.ConfigDict({"segmentation_metrics": True})
+    cfg.eval.segmentation_metrics = True
     with pytest.raises(ConfigError, match="dataset 'clevr_mirror' split 'train' has masks with "
                                           "instance id 3 but config.data.max_objects=2"):
         next(pipeline.make_loader(cfg, "train", global_batch_size=2, seed=0))
@@ -414,7 +418,7 @@ def test_empty_and_too_small_splits(tmp_path):
                                         "than one batch of 10;"):
         pipeline.make_loader(_config("synthetic", None), "validation", global_batch_size=10,
                              shard_count=2, shard_index=0, seed=0)
-    with pytest.raises(ConfigError, match="config.data.num_eval=0 must be >= 1"):
+    with pytest.raises(ConfigError, match="config.data.num_eval=0 is invalid: expected a positive"):
         pipeline.make_loader(_config("synthetic", None, num_eval=0), "validation",
                              global_batch_size=1, seed=0)
     shapestacks = tmp_path / "shapestacks"
@@ -444,7 +448,8 @@ def test_config_mistakes_are_config_errors():
         loader(num_workers=-1)
     with pytest.raises(ConfigError, match="batch size 0"):
         loader(batch=0)
-    with pytest.raises(ConfigError, match="min_objects=3, max_objects=2: synthetic scenes"):
+    with pytest.raises(ConfigError, match="config.data.min_objects=3 is invalid: expected at "
+                                          "most data.max_objects=2"):
         loader(min_objects=3, max_objects=2)
     with pytest.raises(ConfigError, match="config.data.max_visible_objects=0"):
         loader(max_visible_objects=0)

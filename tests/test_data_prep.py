@@ -14,13 +14,16 @@ from fixed_slots.data_prep import cli
 from fixed_slots.data_prep.builders import SourceLayoutError
 from fixed_slots.data_prep.builders.coco import decode_rle_string, polygons_to_mask, rle_to_mask
 from fixed_slots.data import pipeline, sources
+from helpers import load_config
 
 
 def _config(name, data_dir, image_size=16, crop="center"):
-    return ml_collections.ConfigDict(
-        {"data": dict(name=name, data_dir=str(data_dir), image_size=image_size, seed=0,
-                      crop=crop, num_workers=0)}
-    )
+    """The default experiment's config reading dataset `name` from `data_dir`."""
+    config = load_config("default")
+    config.data.update(dict(name=name, data_dir=str(data_dir), image_size=image_size, seed=0,
+                            crop=crop, num_workers=0, max_objects=10))
+    config.eval.segmentation_metrics = False
+    return config
 
 
 def _save_png(path, array):

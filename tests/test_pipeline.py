@@ -9,24 +9,17 @@ import pytest
 from fixed_slots.data import pipeline, sources
 from fixed_slots.data.synthetic import TARGET_DIM
 from fixed_slots.errors import ConfigError, DataError
+from helpers import load_config
 
 
 def _config(**overrides):
-    data = dict(
-        name="synthetic",
-        data_dir="",
-        image_size=24,
-        seed=0,
-        num_train=48,
-        num_eval=16,
-        min_objects=2,
-        max_objects=4,
-        crop="center",
-        shuffle_buffer=0,
-        num_workers=0,
-    )
-    data.update(overrides)
-    return ml_collections.ConfigDict({"data": data})
+    """The default experiment's config with a small synthetic data section."""
+    config = load_config("default")
+    config.data.update(dict(name="synthetic", data_dir="", image_size=24, seed=0, num_train=48,
+                            num_eval=16, min_objects=2, max_objects=4, crop="center",
+                            synthetic_style="classic", num_workers=0))
+    config.data.update(overrides)
+    return config
 
 
 def _same(batches_a, batches_b):
@@ -169,16 +162,12 @@ def test_missing_tfds_dataset_says_how_to_build(tmp_path):
 
 
 def test_max_visible_objects_filters_scenes():
-    data = ml_collections.ConfigDict({
-        "name": "synthetic", "data_dir": None, "image_size": 16, "seed": 0, "num_train": 64,
-        "num_eval": 8, "min_objects": 1, "max_objects": 4, "crop": "center", "num_workers": 0,
-        "max_visible_objects": 2})
-    config = ml_collections.ConfigDict({"data": data})
+    config = _config(image_size=16, num_train=64, num_eval=8, min_objects=1, max_visible_objects=2)
     loader = pipeline.make_loader(config, "train", global_batch_size=4, shard_index=0,
                                   shard_count=1, seed=0)
     counts = [int(v.sum()) for _ in range(5) for v in (next(loader)["visible"] > 0)]
     assert max(counts) <= 2
-    data.max_visible_objects = None  # the same stream unfiltered does hold larger scenes
+    config.data.max_visible_objects = None  # the same stream unfiltered does hold larger scenes
     loader = pipeline.make_loader(config, "train", global_batch_size=4, shard_index=0,
                                   shard_count=1, seed=0)
     assert max(int(v.sum()) for _ in range(5) for v in (next(loader)["visible"] > 0)) > 2

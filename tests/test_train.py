@@ -200,8 +200,11 @@ def test_slate_clevr_config_trains_on_a_built_fake_tree(tmp_path):
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
     config.train.num_steps = 2
+    config.eval = small.eval
+    config.eval.batch_size = 2  # the fake tree's validation split has 6 images
     history = train(config, str(tmp_path / "run"))
     assert history and np.isfinite(history[-1]["loss"])
+    assert (tmp_path / "run" / "eval" / "metrics.json").is_file()  # evaluated at the end
 
 
 def test_train_step_compiles_once_and_bf16_loss_tracks_float32():
