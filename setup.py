@@ -35,7 +35,9 @@ setup(
         "a reusable fixed_point_layer, SLATE and slot-attention models, and their trainer."
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["fixed_slots", "fixed_slots.*", "data_prep", "data_prep.*"]),
+    # Only fixed_slots: the checkout's data_prep/ is a shortcut to fixed_slots.data_prep, and a
+    # top-level package of that generic name would collide in a user's environment.
+    packages=find_packages(include=["fixed_slots", "fixed_slots.*"]),
     install_requires=LAYER,
     extras_require={
         "train": TRAIN,

@@ -5,7 +5,7 @@ grid), slot size 64 (MLP 128), per-slot head Dense(64, relu) -> Dense(19, sigmoi
 Huber loss, Adam 4e-4 with 10k warm-up steps and halving every 100k, batch 512, 150k steps.
 The official set-prediction data is not cropped (only resized to 128x128). AP at the thresholds
 inf, 1, 0.5, 0.25, 0.125 is computed by `main.py --mode=eval` (fixed_slots.eval.evaluator).
-Build the data first: `python -m data_prep build clevr_with_masks --source=DIR`.
+Build the data first: `python -m fixed_slots.data_prep build clevr_with_masks --source=DIR`.
 """
 from configs import common
 

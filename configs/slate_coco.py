@@ -3,7 +3,7 @@
 No released SLATE code loads COCO; the largest centred square is our choice (the authors'
 image-folder loader squashes instead, `data.crop = "none"`).
 
-Build the data first: python -m data_prep build coco --source=DIR --data_dir=DIR
+Build the data first: python -m fixed_slots.data_prep build coco --source=DIR --data_dir=DIR
 """
 from configs import common
 

@@ -1,6 +1,6 @@
 """SLATE + implicit slot attention on ShapeStacks at 96x96 (Table 3).
 
-Build the data first: python -m data_prep build shapestacks --source=DIR --data_dir=DIR
+Build the data first: python -m fixed_slots.data_prep build shapestacks --source=DIR --data_dir=DIR
 """
 from configs import common
 

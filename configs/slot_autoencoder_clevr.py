@@ -7,7 +7,7 @@ cropped to rows 29:221, cols 64:256 (the official `apply_crop`) and resized to 1
 
 CLEVR6 keeps the scenes with at most 6 objects (`max_n_objects=6` in the official data.py):
 `data.max_visible_objects = 6` filters the stream. ARI / FG-ARI use ids 0..10.
-Build the data first: `python -m data_prep build clevr_with_masks --source=DIR`.
+Build the data first: `python -m fixed_slots.data_prep build clevr_with_masks --source=DIR`.
 """
 from configs import common
 

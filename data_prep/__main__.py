@@ -1,7 +1,7 @@
-"""`python -m data_prep build NAME --source=DIR --data_dir=DIR`: see data_prep/cli.py."""
+"""`python -m data_prep` from a checkout's root = `python -m fixed_slots.data_prep`."""
 import sys
 
-from data_prep.cli import main
+from fixed_slots.data_prep.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

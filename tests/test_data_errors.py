@@ -12,19 +12,23 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from data_prep import cli
-from data_prep.builders import BadImageError, SourceLayoutError
+from fixed_slots.data_prep import cli
+from fixed_slots.data_prep.builders import BadImageError, SourceLayoutError
 from fixed_slots.data import pipeline, sources
 from fixed_slots.errors import ConfigError, DataError, UserError
 from helpers import load_config
-from test_data_prep import _clevr_tree, _coco_tree, _shapestacks_tree
+from test_data_prep import _clevr_tree, _coco_tree, _mirror_generator_tree, _shapestacks_tree
 
 
 def _config(name, data_dir, **overrides):
-    data = dict(name=name, data_dir=data_dir, image_size=8, seed=0, crop="none", num_workers=0,
-                num_train=32, num_eval=8, min_objects=1, max_objects=3)
-    data.update(overrides)
-    return ml_collections.ConfigDict({"data": data})
+    """The default experiment's config with a small data section for dataset `name`."""
+    config = load_config("default")
+    config.data.update(dict(name=name, data_dir=data_dir, image_size=8, seed=0, crop="none",
+                            num_workers=0, num_train=32, num_eval=8, min_objects=1,
+                            max_objects=3))
+    config.data.update(overrides)
+    config.eval.segmentation_metrics = False
+    return config
 
 
 def _noise_png(path, h=32, w=32, seed=0):
@@ -63,9 +67,7 @@ def test_truncated_png_fails_the_build_naming_the_file(tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"{src / '03.png'} cannot be decoded" in lines[0]
     assert "Traceback" not in err
-    # Nothing usable was left behind: training says the dataset is not built.
-    with pytest.raises(sources.DatasetNotBuiltError, match="holds no finished build"):
-        sources.get_source(_config("clevr_mirror", str(out)).data, "train")
+    assert not os.path.exists(out)  # nothing left behind: TFDS's directories removed too
 
 
 def test_png_with_a_bad_checksum_or_no_end_fails_the_build(tmp_path):
@@ -144,13 +146,151 @@ def test_partial_split_folders_are_refused(tmp_path):
         cli.build("clevr_mirror", str(src), str(tmp_path / "tfds"))
 
 
+def _one_error_line(capsys, src, out):
+    code, err = _build_code(capsys, "clevr_mirror", f"--source={src}", f"--data_dir={out}")
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert not os.path.exists(out)  # nothing written
+    return lines[0]
+
+
+def test_clevr_mirror_bad_masks_and_scenes_are_named(tmp_path, capsys):
+    out = tmp_path / "tfds"
+    stem = "CLEVR_new_0000000002"  # 5 objects
+    src = tmp_path / "size"
+    _mirror_generator_tree(src)
+    mask = src / "masks" / f"{stem}_mask.png"
+    PIL.Image.fromarray(np.zeros((8, 9), np.uint8)).save(mask)
+    line = _one_error_line(capsys, src, out)
+    assert f"{mask} is 9x8, its image {src / 'images' / stem}.png is 10x8" in line
+    src = tmp_path / "missing"
+    _mirror_generator_tree(src)
+    os.remove(src / "masks" / f"{stem}_mask.png")
+    line = _one_error_line(capsys, src, out)
+    assert f"expected the mask {src / 'masks' / stem}_mask.png of {src / 'images' / stem}.png" \
+        in line and "all-or-nothing" in line
+    src = tmp_path / "orphan"
+    _mirror_generator_tree(src)
+    os.remove(src / "images" / f"{stem}.png")
+    assert f"{src / 'masks' / stem}_mask.png is a mask without an image" in _one_error_line(
+        capsys, src, out)
+    src = tmp_path / "id"
+    _mirror_generator_tree(src)
+    ids = np.asarray(PIL.Image.open(src / "masks" / f"{stem}_mask.png")).copy()
+    ids[0, 0] = 6  # the scene has 5 objects
+    PIL.Image.fromarray(ids).save(src / "masks" / f"{stem}_mask.png")
+    line = _one_error_line(capsys, src, out)
+    assert f"{stem}_mask.png has instance id 6 but its scene {src / 'scenes' / stem}.json has 5 " \
+        "objects" in line
+    src = tmp_path / "scene"
+    _mirror_generator_tree(src)
+    os.remove(src / "scenes" / f"{stem}.json")
+    assert f"expected the scene record {src / 'scenes' / stem}.json" in _one_error_line(
+        capsys, src, out)
+    (src / "scenes" / f"{stem}.json").write_text('{"objects": [')
+    assert f"{stem}.json is not valid JSON" in _one_error_line(capsys, src, out)
+    src = tmp_path / "no_images"  # masks/ beside the images, no images/: never glob the masks
+    _mirror_tree(src, n=4)
+    _save = src / "masks" / "00_mask.png"
+    os.makedirs(_save.parent)
+    PIL.Image.fromarray(np.zeros((32, 32), np.uint8)).save(_save)
+    assert f"{src} has masks/ but no images/" in _one_error_line(capsys, src, out)
+
+
+def test_too_few_mask_ids_for_the_metrics_is_a_config_error(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    _mirror_generator_tree(src, objects_per_scene=(3, 3, 3, 3))
+    cli.build("clevr_mirror", str(src), str(out))
+    cfg = _config("clevr_mirror", str(out), max_objects=2)
+    cfg.eval.segmentation_metrics = True
+    with pytest.raises(ConfigError, match="dataset 'clevr_mirror' split 'train' has masks with "
+                                          "instance id 3 but config.data.max_objects=2"):
+        next(pipeline.make_loader(cfg, "train", global_batch_size=2, seed=0))
+    cfg.data.max_objects = 3
+    assert int(next(pipeline.make_loader(cfg, "train", global_batch_size=2, seed=0))[
+        "mask"].max()) == 3
+    cfg.data.max_objects, cfg.eval.segmentation_metrics = 2, False  # not scored: not checked
+    next(pipeline.make_loader(cfg, "train", global_batch_size=2, seed=0))
+
+
+def test_failed_overwrite_keeps_the_previous_build(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    _mirror_tree(src, n=4)
+    cli.build("clevr_mirror", str(src), str(out))
+    _truncate(str(src / "02.png"))
+    code, err = _build_code(capsys, "clevr_mirror", f"--source={src}", f"--data_dir={out}",
+                            "--overwrite")
+    assert code == 2 and "02.png cannot be decoded" in err
+    assert sorted(os.listdir(out / "clevr_mirror")) == ["2.0.0"]
+    assert len(sources.get_source(_config("clevr_mirror", str(out)).data, "train")) == 2
+
+
+def _records(out, name="clevr_mirror"):
+    """{split: sorted stored filenames} of a build."""
+    cfg = _config(name, str(out))
+    found = {}
+    for split in ("train", "validation", "test"):
+        source = sources.get_source(cfg.data, split)
+        raw = source._source  # pylint: disable=protected-access
+        found[split] = sorted(raw[i]["filename"].decode() for i in range(len(source)))
+    return found
+
+
+def test_16_bit_png_is_scaled_not_saturated(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    values = (0, 255, 30000, 65535)  # 16-bit gray (PIL mode I;16)
+    for i, value in enumerate(values):
+        os.makedirs(src, exist_ok=True)
+        PIL.Image.fromarray(np.full((4, 4), value, np.uint16)).save(src / f"{i}.png")
+    assert PIL.Image.open(src / "2.png").mode == "I;16"
+    cli.build("clevr_mirror", str(src), str(out))
+    cfg = _config("clevr_mirror", str(out))
+    stored = sorted(int(source[i]["image"][0, 0, 0]) for split in ("train", "validation", "test")
+                    for source in [sources.get_source(cfg.data, split)] for i in range(len(source)))
+    assert stored == [0, 0, 117, 255]  # the high byte, as PIL reduces 16-bit colour PNGs
+    img = PIL.Image.new("F", (4, 4), 0.5)  # floating-point pixels: refused, named
+    with pytest.raises(BadImageError, match="f.tif has floating-point pixels"):
+        from fixed_slots.data_prep.builders import to_rgb  # pylint: disable=import-outside-toplevel
+        to_rgb(img, str(src / "f.tif"))
+
+
+def test_symlink_loop_reads_each_file_once(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    _mirror_tree(src)  # 10 images
+    os.symlink(".", src / "loop")  # the issue's repro: 287/61/62 records, each image everywhere
+    os.symlink("05.png", src / "05_again.png")  # a second name of one file
+    cli.build("clevr_mirror", str(src), str(out))
+    found = _records(out)
+    assert {split: len(names) for split, names in found.items()} == {
+        "train": 7, "validation": 1, "test": 2}
+    names = [n for split in found.values() for n in split]
+    assert sorted(names) == [f"{i:02d}.png" for i in range(10)]  # each file once, its own name
+    # The generator's layout: a symlinked duplicate in images/ counts once (its mask once).
+    src2 = tmp_path / "src2"
+    _mirror_generator_tree(src2, objects_per_scene=(3, 3, 3, 3, 3))
+    os.symlink("CLEVR_new_0000000001.png", src2 / "images" / "CLEVR_new_0000000009.png")
+    os.symlink(".", src2 / "images" / "loop")
+    cli.build("clevr_mirror", str(src2), str(tmp_path / "tfds2"))
+    assert sum(len(v) for v in _records(tmp_path / "tfds2").values()) == 5
+
+
+def test_one_file_in_two_split_folders_is_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    for split in ("train", "val", "test"):
+        _noise_png(str(src / split / "0.png"), seed=len(split))
+    os.symlink(src / "train" / "0.png", src / "test" / "1.png")
+    line = _one_error_line(capsys, src, tmp_path / "tfds")
+    assert f"{src / 'test' / '1.png'} and {src / 'train' / '0.png'} are the same file" in line
+    assert "'test' and 'train' split folders" in line
+
+
 # ---------------------------------------------------------------------------- training time
 
 
 @pytest.fixture(name="corrupt_build")
 def _corrupt_build(tmp_path, monkeypatch):
     """A clevr_mirror build holding one truncated PNG record, as an unchecked build made it."""
-    import data_prep.builders.clevr_mirror as mirror  # pylint: disable=import-outside-toplevel
+    import fixed_slots.data_prep.builders.clevr_mirror as mirror  # pylint: disable=import-outside-toplevel
 
     src, out = tmp_path / "src", tmp_path / "tfds"
     _mirror_tree(src)
@@ -174,7 +314,7 @@ def test_corrupt_record_names_dataset_split_and_index(corrupt_build):
     assert len(bad) == 1  # exactly the truncated file; TFDS shuffles record order
     index, message = bad[0]
     assert message.startswith(f"dataset 'clevr_mirror' split 'train' record {index} (of 7, in "
-                              f"{corrupt_build / 'clevr_mirror' / '1.0.0'}) has an undecodable "
+                              f"{corrupt_build / 'clevr_mirror' / '2.0.0'}) has an undecodable "
                               f"image (from 03.png): OSError: image file is truncated")
     assert len(message.splitlines()) == 2
     assert "--overwrite" in message.splitlines()[1]
@@ -199,7 +339,7 @@ def _good_build(tmp_path):
     src, out = tmp_path / "src", tmp_path / "tfds"
     _mirror_tree(src)
     cli.build("clevr_mirror", str(src), str(out))
-    return out, out / "clevr_mirror" / "1.0.0"
+    return out, out / "clevr_mirror" / "2.0.0"
 
 
 def test_damaged_record_files_are_named(good_build):
@@ -229,7 +369,7 @@ def test_broken_metadata_names_the_file_and_the_rebuild(good_build, filename):
         sources.get_source(_config("clevr_mirror", str(out)).data, "train")
     first, second = str(err.value).splitlines()
     assert f"{version_dir / filename} is not valid JSON" in first
-    assert second == ("rebuild it with: python -m data_prep build clevr_mirror --source=DIR "
+    assert second == ("rebuild it with: python -m fixed_slots.data_prep build clevr_mirror --source=DIR "
                       f"--data_dir={out} --overwrite")
     (version_dir / filename).write_text("[]")  # valid JSON, not what TFDS expects
     with pytest.raises(DataError, match=f"cannot read its metadata in {version_dir}"):
@@ -248,7 +388,7 @@ def test_unset_data_dir_uses_the_tfds_default(tmp_path, monkeypatch, good_build)
     first, second = str(err.value).splitlines()
     assert f"{default / 'clevr_mirror'} does not exist" in first and "None" not in first
     assert "~/tensorflow_datasets" in first
-    assert second.startswith("build it with: python -m data_prep build clevr_mirror "
+    assert second.startswith("build it with: python -m fixed_slots.data_prep build clevr_mirror "
                              f"--source=DIR --data_dir={default}  ")
     # $TFDS_DATA_DIR wins over the home default, for reading and for `data_prep build`.
     out, _ = good_build
@@ -259,7 +399,7 @@ def test_unset_data_dir_uses_the_tfds_default(tmp_path, monkeypatch, good_build)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_tfds"))
     assert cli.main(["build", "shapestacks", f"--source={src}"]) == 2  # wrong layout: no write
     assert cli.main(["build", "clevr_mirror", f"--source={src}"]) == 0
-    assert (tmp_path / "env_tfds" / "clevr_mirror" / "1.0.0" / "dataset_info.json").is_file()
+    assert (tmp_path / "env_tfds" / "clevr_mirror" / "2.0.0" / "dataset_info.json").is_file()
     assert not (tmp_path / "home").exists()
 
 
@@ -278,7 +418,7 @@ def test_empty_and_too_small_splits(tmp_path):
                                         "than one batch of 10;"):
         pipeline.make_loader(_config("synthetic", None), "validation", global_batch_size=10,
                              shard_count=2, shard_index=0, seed=0)
-    with pytest.raises(ConfigError, match="config.data.num_eval=0 must be >= 1"):
+    with pytest.raises(ConfigError, match="config.data.num_eval=0 is invalid: expected a positive"):
         pipeline.make_loader(_config("synthetic", None, num_eval=0), "validation",
                              global_batch_size=1, seed=0)
     shapestacks = tmp_path / "shapestacks"
@@ -308,7 +448,8 @@ def test_config_mistakes_are_config_errors():
         loader(num_workers=-1)
     with pytest.raises(ConfigError, match="batch size 0"):
         loader(batch=0)
-    with pytest.raises(ConfigError, match="min_objects=3, max_objects=2: synthetic scenes"):
+    with pytest.raises(ConfigError, match="config.data.min_objects=3 is invalid: expected at "
+                                          "most data.max_objects=2"):
         loader(min_objects=3, max_objects=2)
     with pytest.raises(ConfigError, match="config.data.max_visible_objects=0"):
         loader(max_visible_objects=0)

@@ -1,6 +1,8 @@
 """data_prep builders on fake trees in the official layouts, read back through sources + grain."""
 import json
 import os
+import pathlib
+import shutil
 import sys
 
 import ml_collections
@@ -8,17 +10,20 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from data_prep import cli
-from data_prep.builders import SourceLayoutError
-from data_prep.builders.coco import decode_rle_string, polygons_to_mask, rle_to_mask
+from fixed_slots.data_prep import cli
+from fixed_slots.data_prep.builders import SourceLayoutError
+from fixed_slots.data_prep.builders.coco import decode_rle_string, polygons_to_mask, rle_to_mask
 from fixed_slots.data import pipeline, sources
+from helpers import load_config
 
 
 def _config(name, data_dir, image_size=16, crop="center"):
-    return ml_collections.ConfigDict(
-        {"data": dict(name=name, data_dir=str(data_dir), image_size=image_size, seed=0,
-                      crop=crop, num_workers=0)}
-    )
+    """The default experiment's config reading dataset `name` from `data_dir`."""
+    config = load_config("default")
+    config.data.update(dict(name=name, data_dir=str(data_dir), image_size=image_size, seed=0,
+                            crop=crop, num_workers=0, max_objects=10))
+    config.eval.segmentation_metrics = False
+    return config
 
 
 def _save_png(path, array):
@@ -63,6 +68,102 @@ def test_clevr_mirror_subfolders(tmp_path):
     _build("clevr_mirror", src, out)
     cfg = _config("clevr_mirror", out)
     assert [len(sources.get_source(cfg.data, s)) for s in ("train", "val", "test")] == [3, 2, 1]
+
+
+def _shared_clevr_mirror():
+    """The CLEVR-Mirror scenes rendered with the authors' generator (../shared/data/clevr_mirror
+    of the checkout, or $CLEVR_MIRROR_DIR), or None."""
+    if os.environ.get("CLEVR_MIRROR_DIR"):
+        return pathlib.Path(os.environ["CLEVR_MIRROR_DIR"])
+    for parent in pathlib.Path(__file__).resolve().parents[1:4]:  # a checkout or a worktree
+        candidate = parent / "shared" / "data" / "clevr_mirror"
+        if (candidate / "images").is_dir():
+            return candidate
+    return None
+
+
+def _mirror_generator_tree(root, objects_per_scene=(3, 4, 5, 6), size=(8, 10)):
+    """The generator's layout, tiny: images/X.png (RGBA), masks/X_mask.png, scenes/X.json, with
+    object k painted as id k in row k and a mirror (255) in the last row."""
+    h, w = size
+    for i, num in enumerate(objects_per_scene):
+        stem = f"CLEVR_new_{i:010d}"
+        rgba = _colour_image(h, w, 20 * i, channels=4)
+        rgba[..., 1], rgba[..., 3] = 7, 255
+        _save_png(str(root / "images" / f"{stem}.png"), rgba)
+        ids = np.zeros((h, w), np.uint8)
+        for k in range(1, num + 1):
+            ids[k, :] = k
+        ids[-1, :] = 255
+        _save_png(str(root / "masks" / f"{stem}_mask.png"), ids)
+        scene = {"image_filename": f"{stem}.png", "mask_filename": f"{stem}_mask.png",
+                 "mask_mirror_value": 255, "objects": [{"shape": "cube"}] * num}
+        (root / "scenes").mkdir(parents=True, exist_ok=True)
+        (root / "scenes" / f"{stem}.json").write_text(json.dumps(scene))
+
+
+def test_clevr_mirror_from_the_authors_generator(tmp_path):
+    """A handful of the rendered scenes: images from images/ only, masks against the JSON."""
+    shared = _shared_clevr_mirror()
+    if shared is None:
+        pytest.skip("no rendered CLEVR-Mirror scenes: ../shared/data/clevr_mirror is absent "
+                    "(set CLEVR_MIRROR_DIR to a copy)")
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    stems = sorted(p[: -len(".png")] for p in os.listdir(shared / "images"))[::301][:10]
+    for folder, suffix in (("images", ".png"), ("masks", "_mask.png"), ("scenes", ".json")):
+        (src / folder).mkdir(parents=True)
+        for stem in stems:
+            shutil.copy(shared / folder / f"{stem}{suffix}", src / folder / f"{stem}{suffix}")
+    _build("clevr_mirror", src, out)
+    cfg = _config("clevr_mirror", out, crop="none")
+    seen, done = {}, set()
+    for split, expected in (("train", stems[:7]), ("validation", stems[7:8]), ("test", stems[8:])):
+        source = sources.get_source(cfg.data, split)
+        for i in range(len(source)):
+            name = source._source[i]["filename"]  # pylint: disable=protected-access
+            seen[name.decode() if isinstance(name, bytes) else name] = source[i]
+        names = sorted(n for n in seen if n not in done)
+        assert names == [f"images/{stem}.png" for stem in expected]  # sorted 70/15/15, no masks
+        done.update(names)
+    assert len(seen) == 10
+    for stem in stems:
+        record = seen[f"images/{stem}.png"]
+        scene = json.loads((shared / "scenes" / f"{stem}.json").read_text())
+        raw = np.asarray(PIL.Image.open(shared / "masks" / f"{stem}_mask.png"))
+        rgba = np.asarray(PIL.Image.open(shared / "images" / f"{stem}.png"))
+        assert rgba.shape[2] == 4 and (rgba[..., 3] == 255).all()
+        np.testing.assert_array_equal(record["image"], rgba[..., :3])  # RGBA -> RGB exactly
+        num = len(scene["objects"])
+        assert int(record["num_objects"]) == num and 3 <= num <= 6
+        assert record["mask"].dtype == np.uint8 and record["mask"].shape == raw.shape
+        np.testing.assert_array_equal(record["mask"], np.where(raw == 255, 0, raw))  # mirror: 0
+        assert set(np.unique(record["mask"]).tolist()) == set(range(num + 1))  # ids 0..k
+    batch = next(pipeline.make_loader(cfg, "train", global_batch_size=7, seed=0))
+    assert set(batch) == {"image", "mask", "num_objects"}
+    assert batch["mask"].shape == (7, 16, 16) and int(batch["mask"].max()) <= 6
+
+
+def test_clevr_mirror_generator_layout_and_split_folders(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "tfds"
+    _mirror_generator_tree(src)
+    _build("clevr_mirror", src, out)
+    cfg = _config("clevr_mirror", out, crop="none")
+    lengths = {s: len(sources.get_source(cfg.data, s)) for s in ("train", "validation", "test")}
+    assert lengths == {"train": 2, "validation": 1, "test": 1}  # int(0.7 * 4), int(0.85 * 4)
+    record = sources.get_source(cfg.data, "test")[0]  # the last scene: 6 objects
+    assert int(record["num_objects"]) == 6 and record["image"][0, 0].tolist() == [60, 7, 60]
+    expected = np.zeros((8, 10), np.uint8)
+    for k in range(1, 7):
+        expected[k] = k
+    np.testing.assert_array_equal(record["mask"], expected)  # the mirror row is background
+    # Split folders, each in the generator's layout.
+    src2, out2 = tmp_path / "src2", tmp_path / "tfds2"
+    for split, counts in (("train", (3, 4, 5)), ("val", (6,)), ("test", (3, 3))):
+        _mirror_generator_tree(src2 / split, counts)
+    _build("clevr_mirror", src2, out2)
+    cfg2 = _config("clevr_mirror", out2)
+    assert [len(sources.get_source(cfg2.data, s)) for s in ("train", "val", "test")] == [3, 1, 2]
+    assert int(sources.get_source(cfg2.data, "val")[0]["num_objects"]) == 6
 
 
 # ---------------------------------------------------------------------------- shapestacks

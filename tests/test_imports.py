@@ -1,9 +1,16 @@
 """Data flows one way: configlib -> data, modules -> models -> eval (the evaluation loop and its
-metrics) -> train (step, checkpoints, writers, the trainer) -> the trained-run reader on top. Read from the source (every import statement, also those inside
-functions, and dotted `fixed_slots.*` strings handed to importlib), not by importing."""
+metrics) -> train (step, checkpoints, writers, the trainer) -> the trained-run reader on top.
+Read from the source (every import statement, also those inside functions, and dotted
+`fixed_slots.*` strings handed to importlib), not by importing."""
 import ast
+import os
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
 
 import pytest
 
@@ -33,6 +40,10 @@ RULES = {
     "fixed_slots.sharding": (("fixed_slots.modules", "fixed_slots.models", "fixed_slots.train",
                               "fixed_slots.eval", "fixed_slots.visualize", "fixed_slots.trained",
                               "fixed_slots.experiments"), ()),
+    # Dataset builders: our sources' schema and errors, nothing of the models or training.
+    "fixed_slots.data_prep": (("fixed_slots.modules", "fixed_slots.models", "fixed_slots.train",
+                               "fixed_slots.eval", "fixed_slots.visualize", "fixed_slots.trained",
+                               "fixed_slots.experiments", "fixed_slots.sharding"), ()),
     # The evaluation loop runs a model on data; the trainer and the trained-run reader use it.
     "fixed_slots.eval": (("fixed_slots.train", "fixed_slots.trained", "fixed_slots.experiments"),
                          ()),
@@ -137,3 +148,71 @@ def test_the_package_has_the_layers_the_rules_name():
 def test_data_flows_one_way(module, path):
     names = imported_names(path.read_text(), module, path.name == "__init__.py")
     assert violations(module, names) == []
+
+
+def test_the_wheel_installs_only_fixed_slots(tmp_path):
+    """`pip install .` must not add a generic top-level package (data_prep was one): the built
+    wheel's top-level names are fixed_slots and its metadata, nothing else."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(ROOT / "setup.py", src)
+    for folder in ("fixed_slots", "data_prep"):  # data_prep/: the checkout's shortcut, not shipped
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No module named" in out.stderr and "wheel" in out.stderr:
+        pytest.skip(f"cannot build a wheel offline here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    tops = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert tops == {"fixed_slots"}, tops
+    assert "fixed_slots/data_prep/cli.py" in names  # the builders ship under the project's name
+    assert "fixed_slots/data_prep/builders/clevr_mirror.py" in names
+
+
+def test_models_without_the_training_stack_name_the_extra():
+    """As the light install (.ci/run) sees it: `import fixed_slots.models` says which extra."""
+    code = textwrap.dedent("""
+        import sys
+        for name in ("flax", "optax", "orbax", "ml_collections", "absl", "clu", "grain",
+                     "tensorflow_datasets", "tensorboardX", "PIL", "matplotlib", "scipy"):
+            sys.modules[name] = None  # import fails, find_spec returns None: "not installed"
+        try:
+            import fixed_slots.models
+        except ImportError as e:
+            assert type(e) is ImportError, type(e)  # not a bare ModuleNotFoundError
+            assert '".[train]"' in str(e) and "missing: flax, optax, ml_collections" in str(e), e
+        else:
+            raise AssertionError("fixed_slots.models imported without the training stack")
+        sys.modules["ml_collections"] = None
+        del sys.modules["flax"], sys.modules["optax"], sys.modules["absl"], sys.modules["scipy"]
+        try:
+            import fixed_slots.models
+        except ImportError as e:
+            assert "(missing: ml_collections)" in str(e), e
+        else:
+            raise AssertionError("fixed_slots.models imported without ml_collections")
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_python_m_data_prep_still_works_from_a_checkout(monkeypatch, capsys):
+    """The root data_prep/ shortcut runs fixed_slots.data_prep's CLI (README's old commands)."""
+    out = subprocess.run([sys.executable, "-m", "data_prep", "list"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and "clevr_mirror: CLEVR-Mirror layout" in out.stdout, (
+        out.stderr[-2000:])
+    import runpy  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(sys, "argv", ["fixed_slots.data_prep", "list"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("fixed_slots.data_prep", run_name="__main__")
+    assert exit_.value.code == 0 and capsys.readouterr().out == out.stdout

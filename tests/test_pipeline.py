@@ -9,24 +9,17 @@ import pytest
 from fixed_slots.data import pipeline, sources
 from fixed_slots.data.synthetic import TARGET_DIM
 from fixed_slots.errors import ConfigError, DataError
+from helpers import load_config
 
 
 def _config(**overrides):
-    data = dict(
-        name="synthetic",
-        data_dir="",
-        image_size=24,
-        seed=0,
-        num_train=48,
-        num_eval=16,
-        min_objects=2,
-        max_objects=4,
-        crop="center",
-        shuffle_buffer=0,
-        num_workers=0,
-    )
-    data.update(overrides)
-    return ml_collections.ConfigDict({"data": data})
+    """The default experiment's config with a small synthetic data section."""
+    config = load_config("default")
+    config.data.update(dict(name="synthetic", data_dir="", image_size=24, seed=0, num_train=48,
+                            num_eval=16, min_objects=2, max_objects=4, crop="center",
+                            synthetic_style="classic", num_workers=0))
+    config.data.update(overrides)
+    return config
 
 
 def _same(batches_a, batches_b):
@@ -162,23 +155,59 @@ def test_missing_tfds_dataset_says_how_to_build(tmp_path):
         sources.get_source(cfg.data, "train")
     msg = str(err.value)
     assert str(tmp_path / "coco") in msg
-    assert f"python -m data_prep build coco --source=DIR --data_dir={tmp_path}" in msg
+    assert f"python -m fixed_slots.data_prep build coco --source=DIR --data_dir={tmp_path}" in msg
     assert isinstance(err.value, DataError) and isinstance(err.value, FileNotFoundError)
     with pytest.raises(ConfigError, match="config.data.name='mnist' is not a dataset"):
         sources.get_source(_config(name="mnist").data, "train")
 
 
 def test_max_visible_objects_filters_scenes():
-    data = ml_collections.ConfigDict({
-        "name": "synthetic", "data_dir": None, "image_size": 16, "seed": 0, "num_train": 64,
-        "num_eval": 8, "min_objects": 1, "max_objects": 4, "crop": "center", "num_workers": 0,
-        "max_visible_objects": 2})
-    config = ml_collections.ConfigDict({"data": data})
+    config = _config(image_size=16, num_train=64, num_eval=8, min_objects=1, max_visible_objects=2)
     loader = pipeline.make_loader(config, "train", global_batch_size=4, shard_index=0,
                                   shard_count=1, seed=0)
     counts = [int(v.sum()) for _ in range(5) for v in (next(loader)["visible"] > 0)]
     assert max(counts) <= 2
-    data.max_visible_objects = None  # the same stream unfiltered does hold larger scenes
+    config.data.max_visible_objects = None  # the same stream unfiltered does hold larger scenes
     loader = pipeline.make_loader(config, "train", global_batch_size=4, shard_index=0,
                                   shard_count=1, seed=0)
     assert max(int(v.sum()) for _ in range(5) for v in (next(loader)["visible"] > 0)) > 2
+
+
+def test_state_resumes_on_a_moved_dataset(tmp_path):
+    """config.data.data_dir may change on resume (issue 21.8): grain's saved state named it."""
+    import json  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+
+    from fixed_slots.data_prep import cli  # pylint: disable=import-outside-toplevel
+
+    src, old, new = tmp_path / "src", tmp_path / "old", tmp_path / "new"
+    for i in range(10):
+        os.makedirs(src, exist_ok=True)
+        PIL.Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(src / f"{i}.png")
+    assert cli.main(["build", "clevr_mirror", f"--source={src}", f"--data_dir={old}"]) == 0
+
+    def loader(data_dir, split="train"):
+        cfg = _config(name="clevr_mirror", data_dir=str(data_dir), image_size=8)
+        return pipeline.make_loader(cfg, split, global_batch_size=2, seed=4)
+
+    it = loader(old)
+    next(it)
+    state = it.get_state()
+    assert str(old) not in state.decode()  # the state says what the data is, not where
+    expected = [next(it) for _ in range(4)]
+    os.rename(old, new)
+    moved = loader(new)
+    moved.set_state(state)
+    _same(expected, [next(moved) for _ in range(4)])
+    # A state saved before, which named the old data_dir, resumes too ...
+    saved = json.loads(state)
+    saved["data_source"] = f"TfdsSource(name='clevr_mirror', split='train', data_dir='{old}')"
+    older = loader(new)
+    older.set_state(json.dumps(saved).encode())
+    _same(expected, [next(older) for _ in range(4)])
+    # ... but not on another split or dataset.
+    saved["data_source"] = f"TfdsSource(name='clevr_mirror', split='test', data_dir='{old}')"
+    with pytest.raises(DataError, match="does not fit this data loader"):
+        loader(new).set_state(json.dumps(saved).encode())
+    with pytest.raises(DataError, match="does not fit this data loader"):
+        loader(new).set_state(loader(new, "test").get_state())

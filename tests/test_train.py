@@ -172,7 +172,7 @@ def test_missing_dataset_names_the_build_command(tmp_path):
     config = load_config("slate_clevr")
     config.data.data_dir = str(tmp_path / "tfds")
     config.train.num_devices = 1  # batch 50 does not split over the 8 test devices
-    with pytest.raises(Exception, match=r"python -m data_prep build clevr_mirror"):
+    with pytest.raises(Exception, match=r"python -m fixed_slots.data_prep build clevr_mirror"):
         train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
@@ -180,7 +180,7 @@ def test_missing_dataset_names_the_build_command(tmp_path):
 def test_slate_clevr_config_trains_on_a_built_fake_tree(tmp_path):
     from PIL import Image
 
-    from data_prep import cli
+    from fixed_slots.data_prep import cli
 
     source = tmp_path / "clevr_mirror_src"
     source.mkdir()
@@ -200,8 +200,11 @@ def test_slate_clevr_config_trains_on_a_built_fake_tree(tmp_path):
     config.train.image_every_steps = 0
     config.train.jacobian_every_steps = 0
     config.train.num_steps = 2
+    config.eval = small.eval
+    config.eval.batch_size = 2  # the fake tree's validation split has 6 images
     history = train(config, str(tmp_path / "run"))
     assert history and np.isfinite(history[-1]["loss"])
+    assert (tmp_path / "run" / "eval" / "metrics.json").is_file()  # evaluated at the end
 
 
 def test_train_step_compiles_once_and_bf16_loss_tracks_float32():

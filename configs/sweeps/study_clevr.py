@@ -1,7 +1,8 @@
 """The paper's effects at its scale (GPU): the study of configs/sweeps/study_synthetic.py on
 CLEVR-Mirror with the paper's SLATE (configs/slate_clevr.py at 64x64, as Table 2 / Fig. 3, 5, 6).
 
-  python -m data_prep build clevr_mirror --source=/path/to/clevr-mirror --data_dir=~/tensorflow_datasets
+  python -m fixed_slots.data_prep build clevr_mirror --source=/path/to/clevr-mirror \\
+      --data_dir=~/tensorflow_datasets
   python -m fixed_slots.experiments.sweep --sweep=configs/sweeps/study_clevr.py \\
       --workdir=/data/runs/study_clevr --seeds=0,1,2 \\
       --set=data.data_dir=~/tensorflow_datasets   # add --set=train.num_steps=N to shorten

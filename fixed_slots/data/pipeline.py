@@ -34,10 +34,13 @@ each epoch is split disjointly, and the iterator state is the same on every host
 Worker processes (config.data.num_workers > 0) each batch their own slice of the records, so
 the batches depend on the worker count: a saved state resumes only with the same value (grain
 refuses another; `set_state` says so as a DataError), as with the same dataset, split and seed.
+Where the dataset lies does not matter: a state resumes on the same build moved elsewhere
+(config.data.data_dir or $TFDS_DATA_DIR changed).
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterator
 
 import grain.python as grain
@@ -149,18 +152,35 @@ def check_config(config: Any) -> None:
 
 
 class Preprocess(grain.MapTransform):
-    """grain map transform around `preprocess_example` (picklable for worker processes)."""
+    """grain map transform around `preprocess_example` (picklable for worker processes).
 
-    def __init__(self, image_size: int, crop: str, target_layout: TargetLayout | None):
+    With `max_mask_id` set, a mask holding a larger instance id raises a ConfigError: ARI/FG-ARI
+    count the ids 0..config.data.max_objects and would silently drop the other objects' pixels.
+    """
+
+    def __init__(self, image_size: int, crop: str, target_layout: TargetLayout | None,
+                 max_mask_id: int | None = None, where: str = "this dataset"):
         check_preprocess_options(image_size, crop)
         self.image_size = int(image_size)
         self.crop = crop
         self.target_layout = target_layout
+        self.max_mask_id = None if max_mask_id is None else int(max_mask_id)
+        self.where = where
 
     def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-        return preprocess_example(
+        out = preprocess_example(
             element, image_size=self.image_size, crop=self.crop, target_layout=self.target_layout
         )
+        if self.max_mask_id is not None and "mask" in out:
+            top = int(out["mask"].max())
+            if top > self.max_mask_id:
+                raise ConfigError(
+                    f"{self.where} has masks with instance id {top} but "
+                    f"config.data.max_objects={self.max_mask_id}: ARI/FG-ARI count ids "
+                    f"0..max_objects only; set --config.data.max_objects={top} or more (or "
+                    f"--config.eval.segmentation_metrics=False)"
+                )
+        return out
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -169,13 +189,35 @@ def ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+# repr(TfdsSource) before it stopped naming the data's location (states saved by older runs).
+_LOCATED_SOURCE = re.compile(r"TfdsSource\(name=('[^']*'), split=('[^']*'), data_dir=.*\)", re.S)
+
+
+def _relocated(state: bytes, source: Any) -> bytes:
+    """`state` with an older TfdsSource repr (which named data_dir) of `source`'s own dataset and
+    split replaced by `repr(source)`, so that grain accepts it; any other state unchanged."""
+    try:
+        decoded = json.loads(state.decode())
+        stored = decoded["data_source"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return state  # grain's own check reports it
+    match = _LOCATED_SOURCE.fullmatch(stored) if isinstance(stored, str) else None
+    same = match is not None and (match.group(1), match.group(2)) == (
+        repr(getattr(source, "name", None)), repr(getattr(source, "split", None)))
+    if not same:
+        return state
+    decoded["data_source"] = repr(source)
+    return json.dumps(decoded, indent=4).encode()
+
+
 class DataIterator:
     """Iterator over batches with resumable state (wraps grain's DataLoader iterator)."""
 
-    def __init__(self, loader: grain.DataLoader, batches_per_epoch: int):
+    def __init__(self, loader: grain.DataLoader, batches_per_epoch: int, source: Any = None):
         self._loader = loader
         self._iterator = iter(loader)
         self.batches_per_epoch = batches_per_epoch
+        self._source = source
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -193,6 +235,8 @@ class DataIterator:
             state = json.dumps(state)
         if isinstance(state, str):
             state = state.encode()
+        if self._source is not None:
+            state = _relocated(state, self._source)
         try:
             self._iterator.set_state(state)
         except (ValueError, KeyError, TypeError) as e:
@@ -205,11 +249,6 @@ class DataIterator:
                 "split, seed, number of hosts or config.data.num_workers changed since it was "
                 f"saved\n({type(e).__name__}: {detail[:400]})"
             ) from e
-
-    @property
-    def grain_iterator(self) -> grain.PyGrainDatasetIterator:
-        """The underlying grain iterator (e.g. for orbax's grain checkpoint handler)."""
-        return self._iterator
 
 
 class KeepAtMostObjects(grain.FilterTransform):
@@ -292,10 +331,12 @@ def make_loader(
         num_epochs=num_epochs,
         seed=int(seed),
     )
-    operations = [Preprocess(image_size, crop, sources.target_layout(data))]
+    where = f"dataset {data.name!r} split {sources.canonical_split(split)!r}"
+    # The models score ARI/FG-ARI with ids 0..data.max_objects when eval.segmentation_metrics.
+    max_mask_id = data.max_objects if config.eval.segmentation_metrics else None
+    operations = [Preprocess(image_size, crop, sources.target_layout(data), max_mask_id, where)]
     if max_visible is not None:
         # Filtering makes batches_per_epoch an upper bound; the stream itself stays exact.
-        where = f"dataset {data.name!r} split {sources.canonical_split(split)!r}"
         operations.append(KeepAtMostObjects(max_visible, where=where))
     operations.append(grain.Batch(per_host_batch, drop_remainder=True))
     loader = grain.DataLoader(
@@ -305,4 +346,4 @@ def make_loader(
         worker_count=num_workers,
         shard_options=grain.NoSharding(),  # the sampler picks this host's records
     )
-    return DataIterator(loader, batches_per_epoch)
+    return DataIterator(loader, batches_per_epoch, source)

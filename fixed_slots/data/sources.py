@@ -1,21 +1,23 @@
-"""Random-access data sources: the embedded synthetic scenes and datasets built by `data_prep`.
+"""Random-access data sources: the embedded synthetic scenes and the datasets that
+`fixed_slots.data_prep` builds.
 
 `get_source(config.data, split)` returns an object with `__len__` and `__getitem__` (grain's
 `RandomAccessDataSource` protocol) whose records are dicts of NumPy arrays in one schema:
 
     image        uint8   [h, w, 3]      every dataset (original resolution; the pipeline resizes)
-    mask         uint8   [h, w]         instance ids, 0 = background (synthetic, coco, clevr masks)
+    mask         uint8   [h, w]         instance ids, 0 = background (synthetic, coco, the clevr
+                                        datasets built with masks; clevr_mirror: mirror = 0)
     position     float32 [K, P]         synthetic: (y, x) in [0, 1]; clevr: (3d_coords + 3) / 6
     shape, color, size   int32 [K]      synthetic and clevr_with_masks (+ material for clevr)
     visible      float32 [K]            1 for objects present and visible
-    num_objects  int32   []
+    num_objects  int32   []             (clevr_mirror: when built with scenes/)
     category, is_crowd   int32 [COCO_MAX_INSTANCES]   coco (category 0 = padding)
 
 Config keys read from `config.data` (an ml_collections ConfigDict):
     name          "synthetic" | "clevr_mirror" | "shapestacks" | "coco" | "clevr_with_masks"
-    data_dir      root that `python -m data_prep build NAME --data_dir=DIR` wrote to (TFDS
-                  datasets); None or "" means TFDS's convention: $TFDS_DATA_DIR, else
-                  ~/tensorflow_datasets (also `data_prep build`'s default)
+    data_dir      root that `python -m fixed_slots.data_prep build NAME --data_dir=DIR` wrote
+                  to (TFDS datasets); None or "" means TFDS's convention: $TFDS_DATA_DIR, else
+                  ~/tensorflow_datasets (also `fixed_slots.data_prep build`'s default)
     image_size    int, side of the square images the pipeline produces
     seed          synthetic scene seed
     num_train     synthetic only: number of training scenes
@@ -34,10 +36,10 @@ an error that says how to build it. Reading is array_record + NumPy + PIL (image
 here, not by TFDS): no TensorFlow, no OpenCV.
 
 Failures are `fixed_slots.errors.DataError`s that name what to fix: a dataset not built (the
-directory looked in and the exact `data_prep build` command), unreadable metadata (the file and
-the rebuild command), a missing split, and a record that cannot be decoded or has the wrong shape
-(dataset, split, record index). They are raised where the record is read, in grain worker
-processes too, and grain re-raises them unchanged in the training process.
+directory looked in and the exact `fixed_slots.data_prep build` command), unreadable metadata
+(the file and the rebuild command), a missing split, and a record that cannot be decoded or has
+the wrong shape (dataset, split, record index). They are raised where the record is read, in
+grain worker processes too, and grain re-raises them unchanged in the training process.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ SPLIT_ALIASES = {
     "test": "test",
 }
 
-# CLEVR vocabularies, in the order of TFDS's `clevr` ClassLabels; data_prep maps names to these ids.
+# CLEVR vocabularies, in the order of TFDS's `clevr` ClassLabels; fixed_slots.data_prep maps names
+# to these ids.
 CLEVR_SHAPES = ("cube", "sphere", "cylinder")
 CLEVR_COLORS = ("gray", "blue", "brown", "yellow", "red", "green", "purple", "cyan")
 CLEVR_SIZES = ("small", "large")
@@ -125,13 +128,13 @@ def resolve_data_dir(data_dir: str | None) -> str:
 def build_command(name: str, data_dir: str, *, overwrite: bool = False) -> str:
     """The exact command that builds dataset `name` into `data_dir`."""
     flag = " --overwrite" if overwrite else ""
-    return f"python -m data_prep build {name} --source=DIR --data_dir={data_dir}{flag}"
+    return f"python -m fixed_slots.data_prep build {name} --source=DIR --data_dir={data_dir}{flag}"
 
 
 def _build_hint(name: str, data_dir: str, *, overwrite: bool = False) -> str:
     return (
         f"build it with: {build_command(name, data_dir, overwrite=overwrite)}  (DIR: your copy "
-        f"of the official files; `python -m data_prep list` shows the layouts)"
+        f"of the official files; `python -m fixed_slots.data_prep list` shows the layouts)"
     )
 
 
@@ -149,7 +152,7 @@ def find_builder_dir(name: str, data_dir: str | None) -> str:
     """The newest `data_dir/name/<version>` holding a built dataset, or a clear error.
 
     `data_dir` None or "" means `default_data_dir()`. Errors name the directory looked in and
-    the `data_prep build` command that creates it (two lines).
+    the `fixed_slots.data_prep build` command that creates it (two lines).
     """
     resolved = resolve_data_dir(data_dir)
     root = os.path.join(resolved, name)
@@ -211,7 +214,7 @@ def _padded(values: Any, length: int, dtype: Any) -> np.ndarray:
 
 
 class TfdsSource:
-    """One split of a dataset built by `data_prep`, records converted to the common schema."""
+    """One split of a dataset built by `fixed_slots.data_prep`, records in the common schema."""
 
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -221,9 +224,9 @@ class TfdsSource:
                               f"{DATASETS}")
         self.name = name
         self.split = canonical_split(split)
-        # The configured value, not the resolved path: grain checks repr(source) on restore.
-        self.data_dir = "" if data_dir is None else str(data_dir)
+        self.data_dir = "" if data_dir is None else str(data_dir)  # as configured (messages)
         self.builder_dir = find_builder_dir(name, self.data_dir)
+        self.version = os.path.basename(self.builder_dir)
         rebuild = build_command(name, resolve_data_dir(self.data_dir), overwrite=True)
         for filename in ("dataset_info.json", "features.json"):
             _check_json(os.path.join(self.builder_dir, filename), name, rebuild)
@@ -283,8 +286,12 @@ class TfdsSource:
         return record
 
     def __repr__(self) -> str:
-        # grain stores repr(source) in iterator checkpoints and checks it on restore.
-        return f"TfdsSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
+        # grain stores repr(source) in iterator checkpoints and refuses a restore where it differs:
+        # what the records are (dataset, split, build version, count), not where they lie, so a
+        # dataset moved (config.data.data_dir, $TFDS_DATA_DIR) resumes. `pipeline.DataIterator`
+        # accepts the older form, which named data_dir, for the same dataset and split.
+        return (f"TfdsSource(name={self.name!r}, split={self.split!r}, version={self.version!r}, "
+                f"num_records={self._length})")
 
     def _corrupt(self, index: int, problem: str) -> CorruptRecordError:
         return CorruptRecordError(
@@ -329,7 +336,13 @@ class TfdsSource:
         return np.asarray(raw["image"], np.uint8)  # [h, w, 3]
 
     def _convert_clevr_mirror(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
-        return {"image": self._image(raw)}
+        out = {"image": self._image(raw)}
+        # Builds of 1.0.0 have neither; masks are all-or-nothing per build (batches stay uniform).
+        if raw.get("mask_png"):
+            out["mask"] = self._decode_mask(raw["mask_png"], index)  # 0 = floor, sky and mirror
+        if int(raw.get("num_objects", -1)) >= 0:
+            out["num_objects"] = np.int32(raw["num_objects"])
+        return out
 
     def _convert_shapestacks(self, raw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
         return {"image": self._image(raw)}

@@ -7,9 +7,20 @@ a workdir with `fixed_slots.trained.load`.
 from __future__ import annotations
 
 import importlib
+import importlib.util as _util
 from typing import Any
 
-import ml_collections
+# What the models import from setup.py's `train` extra: a light install (`pip install .`, the
+# fixed_point layer alone) gets the fix, as from fixed_slots.train, not a bare ModuleNotFoundError.
+_missing = [name for name in ("flax", "optax", "ml_collections", "absl", "scipy")
+            if _util.find_spec(name) is None]
+if _missing:
+    raise ImportError(
+        f"fixed_slots.models needs the training stack, which is not installed here (missing: "
+        f"{', '.join(_missing)}). Install it with: pip install -e \".[train]\" (from a checkout; "
+        f"\".[dev]\" adds the test tools). fixed_slots.fixed_point works without it.")
+
+import ml_collections  # noqa: E402  (after the check above)
 from flax import nnx
 
 from fixed_slots.errors import ConfigError

@@ -1,8 +1,8 @@
 """Command line: build the TFDS (array_record) datasets from local copies of their official files.
 
-    python -m data_prep build NAME --source=DIR [--data_dir=DIR] [--max_examples N]
+    python -m fixed_slots.data_prep build NAME --source=DIR [--data_dir=DIR] [--max_examples N]
                                    [--split_name S] [--overwrite]
-    python -m data_prep list
+    python -m fixed_slots.data_prep list
 
 NAME is one of clevr_mirror, shapestacks, coco, clevr_with_masks; --source is the dataset's
 official layout on local disk (see `list`), --data_dir the TFDS root that training reads through
@@ -21,7 +21,7 @@ import shutil
 import sys
 from typing import Sequence
 
-from data_prep.builders import BUILDERS, builder_class, builder_module
+from fixed_slots.data_prep.builders import BUILDERS, builder_class, builder_module
 from fixed_slots.data.sources import default_data_dir
 from fixed_slots.errors import DataError
 
@@ -40,10 +40,9 @@ def build(
     `data_dir` None means TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets), the
     directory training reads when config.data.data_dir is unset. Raises SourceLayoutError
     (naming the missing or malformed file) before writing anything when `source` does not have
-    the expected layout, and BadImageError (naming the file) when an image cannot be decoded.
+    the expected layout, and BadImageError (naming the file) when an image cannot be decoded;
+    a failed build leaves `data_dir` as it found it (with --overwrite, the old build is put back).
     """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
     module = builder_module(name)
     source = os.path.abspath(os.path.expanduser(source))
     data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
@@ -53,14 +52,60 @@ def build(
             raise ValueError("--split_name only applies to shapestacks")
         kwargs["split_name"] = split_name
     module.validate_source(source, **kwargs)  # fail fast, before TFDS creates directories
+    # What a failed build must not leave behind: the directories it created (TFDS removes its
+    # own incomplete.* directory, not data_dir/, data_dir/NAME/ or data_dir/downloads/).
+    created = [p for p in (data_dir, os.path.join(data_dir, name),
+                           os.path.join(data_dir, "downloads")) if not os.path.exists(p)]
+    try:
+        return _prepare(name, data_dir, source, kwargs, max_examples, overwrite)
+    except BaseException:
+        _remove_empty_dirs(created)
+        raise
+
+
+def _remove_empty_dirs(paths: list[str]) -> None:
+    """Removes each of `paths` that holds nothing but empty directories (deepest first)."""
+    for path in sorted(paths, key=len, reverse=True):
+        if not os.path.isdir(path):
+            continue
+        for top, _, _ in sorted(os.walk(path), key=lambda t: len(t[0]), reverse=True):
+            try:
+                os.rmdir(top)  # fails on anything that is not an empty directory: kept
+            except OSError:
+                pass
+
+
+def _prepare(name: str, data_dir: str, source: str, kwargs: dict, max_examples: int | None,
+             overwrite: bool) -> str:
     builder = builder_class(name)(data_dir=data_dir, file_format="array_record", **kwargs)
     out_dir = os.fspath(builder.data_dir)
     if os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         if not overwrite:
             print(f"{name} already built at {out_dir}; pass --overwrite to rebuild it")
             return out_dir
-        shutil.rmtree(out_dir)
-        builder = builder_class(name)(data_dir=data_dir, file_format="array_record", **kwargs)
+        # Kept aside until the new build is complete: a failed rebuild puts it back.
+        previous = out_dir.rstrip(os.sep) + ".previous"
+        if os.path.exists(previous):
+            shutil.rmtree(previous)
+        os.rename(out_dir, previous)
+        try:
+            _download_and_prepare(name, data_dir, source, kwargs, max_examples)
+        except BaseException:
+            if os.path.isdir(out_dir):
+                shutil.rmtree(out_dir)
+            os.rename(previous, out_dir)
+            raise
+        shutil.rmtree(previous)
+        return out_dir
+    _download_and_prepare(name, data_dir, source, kwargs, max_examples)
+    return out_dir
+
+
+def _download_and_prepare(name: str, data_dir: str, source: str, kwargs: dict,
+                          max_examples: int | None) -> None:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    builder = builder_class(name)(data_dir=data_dir, file_format="array_record", **kwargs)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             manual_dir=source,
@@ -68,7 +113,6 @@ def build(
             max_examples_per_split=max_examples,
         )
     )
-    return out_dir
 
 
 def _positive_int(text: str) -> int:
@@ -80,7 +124,7 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog="python -m fixed_slots.data_prep",
         description="Build TFDS array_record datasets from local copies of the official files.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

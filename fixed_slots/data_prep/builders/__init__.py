@@ -33,10 +33,10 @@ from fixed_slots.errors import DataError
 
 # name -> (module, class): imported on demand so that `--help` stays fast.
 BUILDERS = {
-    "clevr_mirror": ("data_prep.builders.clevr_mirror", "ClevrMirror"),
-    "shapestacks": ("data_prep.builders.shapestacks", "Shapestacks"),
-    "coco": ("data_prep.builders.coco", "Coco"),
-    "clevr_with_masks": ("data_prep.builders.clevr", "ClevrWithMasks"),
+    "clevr_mirror": ("fixed_slots.data_prep.builders.clevr_mirror", "ClevrMirror"),
+    "shapestacks": ("fixed_slots.data_prep.builders.shapestacks", "Shapestacks"),
+    "coco": ("fixed_slots.data_prep.builders.coco", "Coco"),
+    "clevr_with_masks": ("fixed_slots.data_prep.builders.clevr", "ClevrWithMasks"),
 }
 
 
@@ -178,7 +178,24 @@ def image_for_tfds(path: str, encoding: str) -> tuple[Any, tuple[int, int]]:
     size = (img.height, img.width)
     if img.format == encoding.upper() and img.mode in ("RGB", "L"):
         return data, size
-    return img.convert("RGB"), size  # RGBA, palette, CMYK, 16-bit gray, ...
+    return to_rgb(img, path), size
+
+
+def to_rgb(img: Any, path: str) -> Any:
+    """An 8-bit RGB PIL image of `img`: alpha dropped (as the authors' `convert("RGB")`), 16-bit
+    gray scaled to 8 bits by its high byte (what PIL does for 16-bit colour PNGs; PIL's own
+    `convert` would clip every value above 255 to white), other modes refused naming `path`."""
+    import PIL.Image  # pylint: disable=g-import-not-at-top
+
+    if img.mode.startswith("I;16"):  # 16-bit gray: I;16, I;16B, I;16L, I;16N
+        wide = np.asarray(img).astype(np.uint16)
+        return PIL.Image.fromarray((wide >> 8).astype(np.uint8)).convert("RGB")  # L
+    if img.mode in ("I", "F"):  # 32-bit integer or float pixels: no known range to scale from
+        raise BadImageError(
+            f"{path} has {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels "
+            f"(PIL mode {img.mode}); convert it to 8-bit (or 16-bit) RGB or gray and build again"
+        )
+    return img.convert("RGB")  # RGBA, LA, palette, CMYK, 1-bit, ...; 16-bit colour is 8-bit here
 
 
 def read_png_ids(path: str) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_prep.builders import (
+from fixed_slots.data_prep.builders import (
     LocalBuilder,
     SourceLayoutError,
     encode_png,

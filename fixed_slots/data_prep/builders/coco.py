@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.builders import (
+from fixed_slots.data_prep.builders import (
     LocalBuilder,
     SourceLayoutError,
     encode_png,

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
 
-from data_prep.builders import (
+from fixed_slots.data_prep.builders import (
     LocalBuilder,
     SourceLayoutError,
     image_for_tfds,
