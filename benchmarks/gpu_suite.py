@@ -1,4 +1,4 @@
-"""Issue 10's GPU suite: every figure the issue asks for, in one device call, one markdown report.
+"""The GPU suite: every GPU figure of BENCHMARKS.md, in one device call, one markdown report.
 
 Runs, each step in its own process, in priority order, under one time budget (default 450 s, so
 the call stays under 8 minutes with the wheel install):
@@ -20,8 +20,9 @@ the call stays under 8 minutes with the wheel install):
   profile_f32     profile_step.py for the float32 neumann1 step
 
 A step that fails or runs out of time is recorded as such and the suite goes on; the report is
-rewritten after every step, so a killed call still leaves the figures gathered so far. Targets
-(issue 10) are marked met / missed / n/a with their figures.
+rewritten after every step, so a killed call still leaves the figures gathered so far. The
+targets and the baseline figures are data (benchmarks/gpu_targets.json), each marked met /
+missed / n/a with its figure.
 
   # on the GPU machine (benchmarks/README.md: wheels and the official checkout carried):
   bash benchmarks/gpu_suite.sh                       # writes $OUT/report.md and $OUT/*.json
@@ -43,13 +44,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# Issue 10's starting point: H200, jax 0.11.2, torch 2.11, main b30cb55, 2026-11-26.
-BASELINE = {
-    "official_unroll_ms": 50.6, "official_implicit_ms": 47.9, "official_compile_ms": 35.3,
-    "ours_unroll_f32_ms": 25.2, "ours_neumann1_f32_ms": 27.9, "ours_bf16_xla_ms": 24.4,
-    "ours_bf16_cudnn_ms": 16.1, "peak_bf16_mib": 1552, "peak_f32_mib": 4638,
-    "decode_official": 17.2, "decode_f32": 393, "decode_bf16": 340,
-}
+# The baseline figures and the targets, as data: benchmarks/gpu_targets.json.
+with open(os.path.join(HERE, "gpu_targets.json")) as _f_targets:
+    TARGETS = json.load(_f_targets)
+BASELINE = TARGETS["baseline"]
 BF16 = ["--compute_dtype=bfloat16"]
 CUDNN = ["--set=slate.attention_impl=cudnn", "--set=slate.attn_prob_dropout=False"]
 # Command buffers (CUDA graphs) off, and with loops and conditionals captured as well.
@@ -235,67 +233,113 @@ def _target(name: str, value: float | None, ok: bool | None, detail: str) -> str
     return f"| {name} | {detail} | **{mark}** |"
 
 
+# Rows of the train-step table: (label, result name, the row's grad or None for official
+# rows, its baseline key); the decode table: (label, figure key, baseline key).
+TRAIN_ROWS = (
+    ("official vanilla (unroll), float32", "official_unroll", None, "official_unroll_ms"),
+    ("official implicit, float32", "official_implicit", None, "official_implicit_ms"),
+    ("official implicit + torch.compile, float32", "official_compile_f32", None,
+     "official_compile_ms"),
+    ("official implicit, bf16 autocast", "official_bf16", None, None),
+    ("official implicit, bf16 autocast + torch.compile", "official_compile_bf16", None, None),
+    ("ours unroll, float32", "ours_f32", "unroll", "ours_unroll_f32_ms"),
+    ("ours neumann1, float32", "ours_f32", "neumann1", "ours_neumann1_f32_ms"),
+    ("ours neumann1, bf16, XLA attention", "ours_bf16_xla", "neumann1", "ours_bf16_xla_ms"),
+    ("ours neumann1, bf16 + cuDNN attention", "ours_bf16", "neumann1", "ours_bf16_cudnn_ms"),
+)
+DECODE_ROWS = (
+    ("official reconstruct_autoregressive", "decode_official", "decode_official"),
+    ("ours KV cache, float32", "decode_f32", "decode_f32"),
+    ("ours KV cache, bf16", "decode_bf16", "decode_bf16"),
+)
+PROFILES = (("profile_bf16", "bf16 + cuDNN neumann1"), ("profile_f32", "float32 neumann1"))
+_FORMATS = {"ms": "{:.1f} ms", "x": "{:.2f}x", "%": "{:.0f}%", "images/s": "{:.0f} images/s",
+            "MiB": "{:.0f} MiB", "": "{:.0f}"}
+
+
+def _record(d: dict, name: str, grad: str | None, iters: int) -> dict | None:
+    """A train-step row of ours (by grad at the config's T) or an official result."""
+    return _row(d.get(name), grad, iters) if grad else d.get(name)
+
+
+def figures(d: dict, iters: int) -> dict[str, float | None]:
+    """Every named figure the tables and the targets read (None when its step gave none)."""
+    def rec(name, grad=None):
+        return _record(d, name, grad, iters) or {}
+
+    ms = lambda r: r.get("ms")  # noqa: E731
+    plain, compiled = ms(rec("official_implicit")), ms(rec("official_compile_f32"))
+    peer = min((x for x in (compiled, ms(rec("official_compile_bf16"))) if x), default=None)
+    bf16, f32 = rec("ours_bf16", "neumann1"), rec("ours_f32", "neumann1")
+    prof = (d.get("profile_bf16") or {}).get("trace") or {}
+    out = {
+        "bf16_pipelined_ms": bf16.get("pipelined_ms"), "f32_pipelined_ms": f32.get("pipelined_ms"),
+        "official_implicit_ms": plain, "official_compile_ms": compiled, "compile_peer_ms": peer,
+        "bf16_busy_percent": None if prof.get("busy_fraction") is None
+        else 100 * prof["busy_fraction"],
+        "bf16_kernels_per_step": prof.get("kernels_per_step"),
+        "peak_bf16_mib": bf16.get("peak_mib") or None, "peak_f32_mib": f32.get("peak_mib") or None,
+        "decode_official": (d.get("official_decode") or {}).get("decode_images_per_s"),
+        "decode_f32": ((d.get("ours_f32") or {}).get("decode") or {}).get("kv_cache"),
+        "decode_bf16": ((d.get("ours_bf16") or {}).get("decode") or {}).get("kv_cache"),
+    }
+    out["bf16_vs_compile_peer"] = _ratio(peer, out["bf16_pipelined_ms"])
+    out["f32_vs_official_compile"] = _ratio(compiled, out["f32_pipelined_ms"])
+    out["f32_vs_official_implicit"] = _ratio(plain, out["f32_pipelined_ms"])
+    out["decode_bf16_vs_official"] = _ratio(out["decode_bf16"], out["decode_official"])
+    out["decode_bf16_vs_f32"] = _ratio(out["decode_bf16"], out["decode_f32"])
+    return out
+
+
+def target_rows(values: dict[str, float | None], targets: list[dict]) -> list[str]:
+    """`| target | figure | met/missed/n/a |` for each target of gpu_targets.json."""
+    rows = []
+    for t in targets:
+        value = values.get(t["figure"])
+        ok = None if value is None else (value <= t["value"] if t["op"] == "<="
+                                         else value >= t["value"])
+        shown = "n/a" if value is None else _FORMATS[t["unit"]].format(value)
+        rows.append(_target(t["target"], value, ok, shown))
+    return rows
+
+
 def report(results: dict[str, Result], steps: list[Step], header: dict) -> str:
     d = {name: r.data for name, r in results.items()}
-    f32 = d.get("ours_f32")
     t = header["iters"]
-    unroll, neumann = _row(f32, "unroll", t), _row(f32, "neumann1", t)
-    bf16 = _row(d.get("ours_bf16"), "neumann1", t)
-    bf16_xla = _row(d.get("ours_bf16_xla"), "neumann1", t)
-    off = {k: d.get(k) for k in ("official_unroll", "official_implicit", "official_compile_f32",
-                                 "official_bf16", "official_compile_bf16")}
-    ms = lambda rec: rec.get("ms") if rec else None
-    peak = lambda rec: (rec.get("peak_mib") or None) if rec else None
-    lines = [f"# Issue 10 GPU suite: {header['device']}, {header['date']}", "",
+    values = figures(d, t)
+    official = d.get("official_implicit") or d.get("official_unroll") or {}
+    lines = [f"# GPU suite: {header['device']}, {header['date']}", "",
              f"jax {header['jax']}; ours at git {header['commit']}; config "
              f"{header['config']}{''.join(' --set=' + x for x in header['set'])}: "
-             f"{header['shape']}; official files sha256 "
-             f"{(off['official_implicit'] or off['official_unroll'] or {}).get('digest', 'n/a')}"
-             f", torch {(off['official_implicit'] or off['official_unroll'] or {}).get('torch', 'n/a')}"
+             f"{header['shape']}; official files sha256 {official.get('digest', 'n/a')}, "
+             f"torch {official.get('torch', 'n/a')}"
              + ("; DRY RUN (CPU, tiny shapes; the cuDNN rows run XLA attention): no figure "
-                "here is a GPU figure"
-                if header["dry_run"] else ""), "",
+                "here is a GPU figure" if header["dry_run"] else ""), "",
              "## Train step, side by side (ms/step: blocking median / pipelined)", "",
              "Speed-ups: official implicit ms/step (plain / torch.compile, float32) over ours "
-             "pipelined. Baseline: issue 10's H200 figures (2026-11-26, main b30cb55).", "",
+             f"pipelined. Baseline: {BASELINE['source']}.", "",
              "| variant | ms/step | pipelined ms/step | peak MiB | speed-up vs official "
              "implicit (plain / compile) | baseline ms/step |", "|---|---|---|---|---|---|"]
-    plain, compiled = ms(off["official_implicit"]), ms(off["official_compile_f32"])
-    b = BASELINE
-    for label, rec, base in (
-            ("official vanilla (unroll), float32", off["official_unroll"],
-             b["official_unroll_ms"]),
-            ("official implicit, float32", off["official_implicit"], b["official_implicit_ms"]),
-            ("official implicit + torch.compile, float32", off["official_compile_f32"],
-             b["official_compile_ms"]),
-            ("official implicit, bf16 autocast", off["official_bf16"], None),
-            ("official implicit, bf16 autocast + torch.compile", off["official_compile_bf16"],
-             None)):
-        lines.append(f"| {label} | {_f(ms(rec))} | n/a (syncs per step) | {_f(peak(rec), '.0f')}"
-                     f" | | {_f(base)} |")
-    for label, rec, base in (("ours unroll, float32", unroll, b["ours_unroll_f32_ms"]),
-                             ("ours neumann1, float32", neumann, b["ours_neumann1_f32_ms"]),
-                             ("ours neumann1, bf16, XLA attention", bf16_xla,
-                              b["ours_bf16_xla_ms"]),
-                             ("ours neumann1, bf16 + cuDNN attention", bf16,
-                              b["ours_bf16_cudnn_ms"])):
-        pipe = rec.get("pipelined_ms") if rec else None
-        lines.append(f"| {label} | {_f(ms(rec))} | {_f(pipe)} | {_f(peak(rec), '.0f')} | "
-                     f"{_x(_ratio(plain, pipe))} / {_x(_ratio(compiled, pipe))} | {_f(base)} |")
-    dec_off = (d.get("official_decode") or {}).get("decode_images_per_s")
-    dec_f32 = ((f32 or {}).get("decode") or {}).get("kv_cache")
-    dec_bf16 = ((d.get("ours_bf16") or {}).get("decode") or {}).get("kv_cache")
+    for label, name, grad, base in TRAIN_ROWS:
+        rec = _record(d, name, grad, t)
+        ms, peak = (rec or {}).get("ms"), ((rec or {}).get("peak_mib") or None)
+        if grad is None:
+            pipe, speedup = "n/a (syncs per step)", ""
+        else:
+            p = (rec or {}).get("pipelined_ms")
+            pipe = _f(p)
+            speedup = (f"{_x(_ratio(values['official_implicit_ms'], p))} / "
+                       f"{_x(_ratio(values['official_compile_ms'], p))}")
+        lines.append(f"| {label} | {_f(ms)} | {pipe} | {_f(peak, '.0f')} | {speedup} | "
+                     f"{_f(BASELINE.get(base) if base else None)} |")
     lines += ["", f"## Decode ({header['decode']})", "",
-              "| decoder | images/s | vs official | baseline images/s |", "|---|---|---|---|",
-              f"| official reconstruct_autoregressive | {_f(dec_off)} | 1x | "
-              f"{b['decode_official']} |",
-              f"| ours KV cache, float32 | {_f(dec_f32)} | {_x(_ratio(dec_f32, dec_off))} | "
-              f"{b['decode_f32']} |",
-              f"| ours KV cache, bf16 | {_f(dec_bf16)} | {_x(_ratio(dec_bf16, dec_off))} | "
-              f"{b['decode_bf16']} |"]
+              "| decoder | images/s | vs official | baseline images/s |", "|---|---|---|---|"]
+    for label, key, base in DECODE_ROWS:
+        lines.append(f"| {label} | {_f(values[key])} | "
+                     f"{_x(_ratio(values[key], values['decode_official']))} | "
+                     f"{BASELINE[base]} |")
 
-    for name, title in (("profile_bf16", "bf16 + cuDNN neumann1"),
-                        ("profile_f32", "float32 neumann1")):
+    for name, title in PROFILES:
         p = d.get(name)
         lines += ["", f"## Profile, {title} (`profile_step.py`)", ""]
         if not p or "trace" not in p:
@@ -314,57 +358,27 @@ def report(results: dict[str, Result], steps: list[Step], header: dict) -> str:
                   f"{k['share']:.1%} |" for k in tr["top"][:12]]
 
     lines += ["", "## Memory and time vs T (`train_step.py`)", "",
-              "| grad | T | ms/step | pipelined | peak MiB | compiled MiB |", "|---|---|---|---|---|---|"]
-    rows = [r for src in (d.get("memory_vs_t"), f32) for r in (src or {}).get("rows", [])]
+              "| grad | T | ms/step | pipelined | peak MiB | compiled MiB |",
+              "|---|---|---|---|---|---|"]
+    rows = [r for src in (d.get("memory_vs_t"), d.get("ours_f32"))
+            for r in (src or {}).get("rows", [])]
     for r in sorted(rows, key=lambda r: (r["grad"], r["iters"])):
         lines.append(f"| {r['grad']} | {r['iters']} | {r['ms']:.1f} | {r['pipelined_ms']:.1f} | "
                      f"{_f(r['peak_mib'] or None, '.0f')} | {r['compiled_mib']:.0f} |")
 
     flag_steps = [s for s in steps if s.name.startswith("xla_flags_")]
     if flag_steps:
+        default = values["bf16_pipelined_ms"]
         lines += ["", "## XLA flags, bf16 + cuDNN neumann1", "",
-                  "| XLA_FLAGS | ms/step | pipelined | vs default |", "|---|---|---|---|",
-                  f"| (default) | {_f(ms(bf16))} | {_f((bf16 or {}).get('pipelined_ms'))} | 1x |"]
+                  "| XLA_FLAGS | pipelined ms/step | vs default |", "|---|---|---|",
+                  f"| (default) | {_f(default)} | 1x |"]
         for s in flag_steps:
-            r = _row(d.get(s.name), "neumann1", t)
-            pipe = r.get("pipelined_ms") if r else None
-            lines.append(f"| `{s.env.get('XLA_FLAGS', '')}` | {_f(ms(r))} | {_f(pipe)} | "
-                         f"{_x(_ratio((bf16 or {}).get('pipelined_ms'), pipe))} |")
+            pipe = (_row(d.get(s.name), "neumann1", t) or {}).get("pipelined_ms")
+            lines.append(f"| `{s.env.get('XLA_FLAGS', '')}` | {_f(pipe)} | "
+                         f"{_x(_ratio(default, pipe))} |")
 
-    prof = (d.get("profile_bf16") or {}).get("trace") or {}
-    bf16_pipe = (bf16 or {}).get("pipelined_ms")
-    f32_pipe = (neumann or {}).get("pipelined_ms")
-    peer = min((x for x in (compiled, ms(off["official_compile_bf16"])) if x), default=None)
-    busy, kernels = prof.get("busy_fraction"), prof.get("kernels_per_step")
-    le = lambda x, y: None if x is None or y is None else x <= y
-    ge = lambda x, y: None if x is None or y is None else x >= y
-    lines += ["", "## Targets (issue 10)", "", "| target | figure | |", "|---|---|---|",
-              _target("bf16 + cuDNN neumann1 <= 8 ms/step pipelined", bf16_pipe,
-                      le(bf16_pipe, 8.0), f"{_f(bf16_pipe)} ms"),
-              _target(">= 4.4x the torch.compile peer", bf16_pipe,
-                      ge(_ratio(peer, bf16_pipe), 4.4),
-                      f"{_x(_ratio(peer, bf16_pipe))} (peer {_f(peer)} ms)"),
-              _target("GPU busy >= 85% of the bf16 step", busy, ge(busy, 0.85),
-                      f"{_f(None if busy is None else 100 * busy, '.0f')}%"),
-              _target("kernels per bf16 step <= 500", kernels, le(kernels, 500),
-                      _f(kernels, ".0f")),
-              _target("float32 neumann1 <= 17 ms/step pipelined", f32_pipe, le(f32_pipe, 17.0),
-                      f"{_f(f32_pipe)} ms"),
-              _target("float32 >= 2x the torch.compile peer", f32_pipe,
-                      ge(_ratio(compiled, f32_pipe), 2.0),
-                      _x(_ratio(compiled, f32_pipe))),
-              _target("float32 >= 2.8x plain official implicit", f32_pipe,
-                      ge(_ratio(plain, f32_pipe), 2.8), _x(_ratio(plain, f32_pipe))),
-              _target("decode bf16 >= 1000 images/s", dec_bf16, ge(dec_bf16, 1000),
-                      f"{_f(dec_bf16, '.0f')} images/s"),
-              _target("decode bf16 >= 58x official", dec_bf16, ge(_ratio(dec_bf16, dec_off), 58),
-                      _x(_ratio(dec_bf16, dec_off))),
-              _target("decode bf16 not slower than float32", dec_bf16, ge(dec_bf16, dec_f32),
-                      f"{_f(dec_bf16, '.0f')} vs {_f(dec_f32, '.0f')} images/s"),
-              _target(f"peak bf16 <= {BASELINE['peak_bf16_mib']} MiB", peak(bf16),
-                      le(peak(bf16), BASELINE["peak_bf16_mib"]), _mib(peak(bf16))),
-              _target(f"peak float32 <= {BASELINE['peak_f32_mib']} MiB", peak(neumann),
-                      le(peak(neumann), BASELINE["peak_f32_mib"]), _mib(peak(neumann)))]
+    lines += ["", "## Targets (benchmarks/gpu_targets.json)", "", "| target | figure | |",
+              "|---|---|---|", *target_rows(values, TARGETS["targets"])]
     if header["dry_run"]:
         lines += ["", "(dry run: the marks above say nothing about a GPU)"]
 

@@ -1,4 +1,4 @@
-"""The CPU study of the paper's effects (issue 11): small SLATE on crowded synthetic scenes.
+"""The CPU study of the paper's effects: small SLATE on crowded synthetic scenes.
 
 The README's default model (64-d, 2 decoder blocks) at 32x32 (8x8 dVAE tokens) on harder
 scenes: 3-5 objects with heavy occlusion, rotated shapes and jittered colours, 6 slots, the

@@ -204,7 +204,7 @@ def test_gpu_suite_dry_run_writes_one_report(tmp_path):
                "--slate_dir=/nonexistent", "--only=official_implicit,profile_f32"])
     report = (tmp_path / "report.md").read_text()
     assert report.strip() == out.strip()
-    assert "DRY RUN" in report and "## Targets (issue 10)" in report
+    assert "DRY RUN" in report and "## Targets (benchmarks/gpu_targets.json)" in report
     assert "| profile_f32 | ok |" in report
     assert "| official_implicit | skipped: no official checkout" in report
     assert "## Profile, float32 neumann1" in report and "kernels/step" in report

@@ -174,7 +174,7 @@ def test_max_visible_objects_filters_scenes():
 
 
 def test_state_resumes_on_a_moved_dataset(tmp_path):
-    """config.data.data_dir may change on resume (issue 21.8): grain's saved state named it."""
+    """config.data.data_dir may change on resume: grain's saved state named it."""
     import json  # pylint: disable=import-outside-toplevel
     import os  # pylint: disable=import-outside-toplevel
 

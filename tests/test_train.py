@@ -229,7 +229,7 @@ def test_train_step_compiles_once_and_bf16_loss_tracks_float32():
 
 
 def test_backward_solve_outcome_is_logged_for_implicit_modes_only(tmp_path):
-    """Issue 12: a diverging adjoint must never be invisible. At this initialisation the step's
+    """A diverging adjoint must never be invisible. At this initialisation the step's
     spectral radius exceeds 1 for some examples, so the plain iterative adjoint ("implicit")
     fails there: the metrics say so (and the fallback keeps the gradient finite)."""
     implicit = train(tiny(**{"train.num_steps": 2, "grad": "implicit"}),

@@ -1,5 +1,5 @@
 """The state that crosses the jit boundary: pure arrays, a flat optimizer equal to the per-leaf
-one, and the lr_scale multiplier (issue 10)."""
+one, and the lr_scale multiplier."""
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -1,4 +1,4 @@
-"""The paper's effects on 2 CPU cores (issue 11): vanilla (unroll) vs implicit (neumann1) SLATE on
+"""The paper's effects on 2 CPU cores: vanilla (unroll) vs implicit (neumann1) SLATE on
 the crowded synthetic scenes of configs/study_synthetic.py, 3 seeds each.
 
 - Fig. 1b / 3a: `*_T7` runs, Jacobian spectral norm of the slot-attention step and gradient norm
