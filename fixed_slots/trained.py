@@ -172,7 +172,7 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | str | None = None
     primary = jax.process_index() == 0
     mesh = sharding.make_mesh() if jax.process_count() > 1 else None
     writer = create_writer(workdir, just_logging=not primary,
-                           descriptions=evaluation.descriptions())
+                           descriptions=evaluation.descriptions(models.get(config.model.name)))
     try:
         return evaluation.evaluate_and_record(Evaluator(config, graphdef, mesh), params, step,
                                               workdir, writer, full=True, primary=primary)

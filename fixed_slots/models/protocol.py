@@ -78,6 +78,7 @@ class SlotModel(Protocol):
     validation_metrics: tuple[str, ...]
     train_metrics: type  # clu.metrics.Collection over ModelOutput.metrics (models.aggregation)
     eval_metrics: type  # clu.metrics.Collection over EvalBatch.per_example (per-image averages)
+    metric_descriptions: dict[str, str]  # metric -> what its TensorBoard chart shows
 
     @staticmethod
     def learning_rate_group(path: tuple[str, ...]) -> str:

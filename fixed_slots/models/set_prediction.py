@@ -76,6 +76,10 @@ class SetPredictor(nnx.Module):
     train_metrics = aggregation.collection(
         loss=aggregation.average("loss"), slot_residual=aggregation.average("slot_residual"))
     eval_metrics = aggregation.collection(**aggregation.per_image("loss", "slot_residual"))
+    metric_descriptions = {
+        "loss": "Hungarian-matched Huber loss between predicted and true object properties.",
+        "slot_residual": "Relative residual ||f(z)-z||/||z|| of slot attention's last update.",
+    }
 
     @staticmethod
     def learning_rate_group(path: tuple[str, ...]) -> str:

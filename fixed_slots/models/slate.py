@@ -63,6 +63,27 @@ class Slate(nnx.Module):
         cross_entropy=aggregation.average("cross_entropy"),
         gumbel_temperature=aggregation.last("gumbel_temperature"),
         slot_residual=aggregation.average("slot_residual"))
+    # What TensorBoard shows on each chart of these metrics (training, and eval/ for evaluation).
+    metric_descriptions = {
+        "loss": "dVAE MSE + cross-entropy, mean over the steps since the previous point.",
+        "dvae_mse": "The dVAE's reconstruction error (sum over pixels and channels per image).",
+        "cross_entropy": "Cross-entropy of the decoder's token predictions given the slots (sum "
+                         "over tokens per image): how well the slots describe the image.",
+        "gumbel_temperature": "The dVAE's Gumbel-softmax temperature (cosine-annealed).",
+        "slot_residual": "Relative residual ||f(z)-z||/||z|| of slot attention's last update: "
+                         "how close the slots are to a fixed point.",
+        "fg_ari": "Foreground ARI of the slots' masks against the true instance masks "
+                  "(background pixels ignored), mean over the held-out images; 1 = every object "
+                  "in a slot of its own.",
+        "ari": "ARI of the slots' masks against the true instance masks, background included.",
+        "fg_ari_token_ceiling": "FG-ARI of perfect token-sized masks on the same images: the "
+                                "best that masks of 4x4-pixel tokens can reach.",
+        "mse_slot_recon": "Squared error of the image decoded autoregressively from the slots "
+                          "(sum over pixels and channels, images in [0, 1]; the papers' MSE). "
+                          "Full evaluations only.",
+        "mse_dvae_recon": "Squared error of the dVAE's decoding of its own tokens: the floor of "
+                          "mse_slot_recon.",
+    }
     eval_metrics = aggregation.collection(**aggregation.per_image(
         "fg_ari", "ari", "fg_ari_token_ceiling", "mse_slot_recon", "mse_dvae_recon",
         "slot_residual"))

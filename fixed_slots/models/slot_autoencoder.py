@@ -138,6 +138,17 @@ class SlotAutoencoder(nnx.Module):
         slot_residual=aggregation.average("slot_residual"))
     eval_metrics = aggregation.collection(**aggregation.per_image(
         "fg_ari", "ari", "mse_recon", "slot_residual"))
+    metric_descriptions = {
+        "loss": "Mean squared error over pixels and channels, images in [-1, 1] (the official "
+                "loss).",
+        "mse": "The loss in [0, 1] image units (loss / 4).",
+        "slot_residual": "Relative residual ||f(z)-z||/||z|| of slot attention's last update.",
+        "fg_ari": "Foreground ARI of the decoder's alpha masks against the true instance masks, "
+                  "mean over the held-out images.",
+        "ari": "ARI of the alpha masks, background included.",
+        "mse_recon": "Squared error of the reconstruction (sum over pixels and channels, images "
+                     "in [0, 1]).",
+    }
 
     @staticmethod
     def learning_rate_group(path: tuple[str, ...]) -> str:

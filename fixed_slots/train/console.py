@@ -95,7 +95,9 @@ class ProgressLine:
         self._metrics: dict[str, float] = {}
 
     def start(self) -> None:
-        """Marks the start of timed steps (after compilation): the first rate sample."""
+        """Starts (or restarts) the timed window: after compilation, and after work that is not
+        training (an evaluation), so that neither enters the steps/s or the ETA."""
+        self._samples.clear()
         self._samples.append((self._clock(), self._step))
 
     def rate(self) -> float:

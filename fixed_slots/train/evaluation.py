@@ -20,27 +20,6 @@ from fixed_slots.train.console import EvaluationProgress
 
 EVAL_DIR = "eval"
 
-# What TensorBoard shows on each evaluation chart (tag without the eval/ prefix).
-DESCRIPTIONS = {
-    "fg_ari": "Foreground ARI of the slots' masks against the true instance masks (background "
-              "pixels ignored), mean over the held-out images; 1 = every object in a slot of its "
-              "own. Higher is better.",
-    "ari": "ARI of the slots' masks against the true instance masks, background included.",
-    "fg_ari_token_ceiling": "FG-ARI of perfect token-sized masks on the same images: what "
-                            "SLATE's 4x4-pixel-token masks can reach at best.",
-    "mse_slot_recon": "Squared error of the reconstruction decoded from the slots "
-                      "(autoregressive, sum over pixels and channels per image, images in "
-                      "[0, 1]; the papers' MSE), mean over images. End-of-run evaluation only.",
-    "mse_dvae_recon": "Squared error of the dVAE's reconstruction of its own tokens (sum over "
-                      "pixels and channels per image): the floor of mse_slot_recon.",
-    "mse_recon": "Squared error of the autoencoder's reconstruction (sum over pixels and "
-                 "channels per image, images in [0, 1]), mean over images.",
-    "slot_residual": "Relative residual ||f(z)-z||/||z|| of slot attention's last update at "
-                     "evaluation: how close the slots are to a fixed point.",
-    "loss": "The model's loss on the held-out images (set prediction: matched Huber loss).",
-}
-
-
 class NonFiniteParamsError(UserError, FloatingPointError):
     """A checkpoint's parameters are not all finite; nothing is evaluated on them."""
 
@@ -63,10 +42,10 @@ def tensorboard_scalars(metrics: dict[str, Any]) -> dict[str, float]:
             and not isinstance(value, bool)}
 
 
-def descriptions() -> dict[str, str]:
-    """TensorBoard descriptions of the eval/ scalars."""
+def descriptions(model_class: type) -> dict[str, str]:
+    """TensorBoard descriptions of the eval/ scalars, from the model's `metric_descriptions`."""
     out = {}
-    for name, text in DESCRIPTIONS.items():
+    for name, text in model_class.metric_descriptions.items():
         out[f"{EVAL_DIR}/{name}"] = text
         out[f"{EVAL_DIR}/{name}_std"] = (f"Standard deviation over the held-out images of "
                                          f"{name} (its standard error is this / sqrt(images)).")

@@ -67,14 +67,10 @@ class Stream(enum.IntEnum):
     VALIDATION = 3
 
 
-# What TensorBoard shows on each training chart (the model's metrics besides).
+# What TensorBoard shows on each training chart, for the trainer's own scalars; the model's
+# metrics are described by the model (`metric_descriptions`).
 DESCRIPTIONS = {
-    "loss": "Training loss, mean over the steps since the previous point.",
-    "dvae_mse": "SLATE's dVAE reconstruction error (sum over pixels and channels per image).",
-    "cross_entropy": "SLATE's cross-entropy of the decoder's token predictions (sum over "
-                     "tokens per image): how well the slots describe the image.",
     "grad_norm": "L2 norm of the whole gradient before clipping.",
-    "slot_residual": "Relative residual ||f(z)-z||/||z|| of slot attention's last update.",
     "steps_per_second": "Training speed between this point and the previous ones (the "
                         "console's figure at the same step).",
     "jacobian_spectral_norm": "Largest singular value of d(slot update)/d(slots) at the "
@@ -325,6 +321,7 @@ class _Run:
         self.ckpt_dir = os.path.join(workdir, "checkpoints")
         self.history: list[dict[str, float]] = []
         self.writer = None
+        self.progress: ProgressLine | None = None
 
     # -------------------------------------------------------------------------- setup
 
@@ -347,8 +344,9 @@ class _Run:
         if restored is not None:
             step, tree, self.base_key, self.data_state = restored
             self.state = sharding.replicate(tree["state"], self.mesh)
-            log.info("Resumed from %s at step %d%s.", self.ckpt_dir, step,
-                     f" with changes {'; '.join(self.changes)}" if self.changes else "")
+            if step < config.train.num_steps:  # a finished run says so instead (run())
+                log.info("Resumed from %s at step %d%s.", self.ckpt_dir, step,
+                         f" with changes {'; '.join(self.changes)}" if self.changes else "")
             if self.data_state is not None:
                 self.loader.set_state(self.data_state)
         self.start_step = int(jax.device_get(self.state.step))
@@ -377,7 +375,8 @@ class _Run:
 
     def _open_writer(self) -> Any:
         if self.writer is None:
-            descriptions = {**DESCRIPTIONS, **evaluation.descriptions()}
+            descriptions = {**self.model_class.metric_descriptions, **DESCRIPTIONS,
+                            **evaluation.descriptions(self.model_class)}
             self.writer = create_writer(self.workdir, just_logging=not self.primary,
                                         descriptions=descriptions)
         return self.writer
@@ -532,6 +531,8 @@ class _Run:
         self._check_finite()
         evaluation.evaluate_and_record(self.evaluator, self.state.params, step, self.workdir,
                                        self._open_writer(), full=full, primary=self.primary)
+        if self.progress is not None:
+            self.progress.start()  # the evaluation's time is not training speed
 
     def _save(self, step: int, data_state: Any, force: bool = False) -> None:
         """Saves only a state that no non-finite step has touched, with the run's config.
