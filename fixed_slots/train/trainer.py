@@ -582,6 +582,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # refuses to run once the backend exists.
     sharding.maybe_initialize_distributed()
     check_config(config)
+    if jax.process_index() == 0:
+        log.info("Training %s (grad=%s, %d steps) in %s: reading the data and building the "
+                 "model ...", config.model.name, config.grad, config.train.num_steps, workdir)
     flat = config_record(config)
     unknown = [k for k in accept_config_change if k not in flat]
     if unknown:
