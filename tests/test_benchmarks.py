@@ -264,3 +264,78 @@ def test_gpu_suite_plan_and_targets():
     assert targets["decode bf16 >= 58x official"].endswith("**met** |")  # 64.7x
     assert targets["peak float32 <= 4638 MiB"].endswith("**missed** |")
     assert "### profile_f32: timeout (90 s)" in text and "| official_unroll | not reached |" in text
+
+
+def test_official_parity_parses_its_flags_and_refuses_a_missing_checkout(capsys):
+    """The parity harness (torch + the official code, neither installed for tests) parses its
+    flags, and without an official checkout stops with the message, before torch is imported."""
+    official_parity = _load("official_parity")
+    a = official_parity.parse_args(["--slate_dir=/x", "--grads=unroll,IN", "--dtype=float64",
+                                    "--set=slot_attention.num_heads=2", "--step=5"])
+    assert (a.grads, a.dtype, a.set, a.step, a.tol, a.seed) == (
+        "unroll,IN", "float64", ["slot_attention.num_heads=2"], 5, 1e-5, 1)
+    for bad in ([], ["--slate_dir=/x", "--grads=unroll,implicit"],
+                ["--slate_dir=/x", "--dtype=bf16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            official_parity.parse_args(bad)
+        assert exit_info.value.code == 2, bad
+    assert "--grads: ['implicit']" in capsys.readouterr().err
+    torch_loaded = "torch" in sys.modules
+    with pytest.raises(SystemExit, match="does not contain slate.py"):
+        official_parity.main(["--slate_dir=/nonexistent/slate"])
+    assert ("torch" in sys.modules) == torch_loaded
+
+
+def test_official_parity_maps_every_official_parameter_name():
+    """The name -> (our path, layout) rules on the official model's parameter names (listed
+    here, no torch): conv kernels OIHW -> HWIO, Linear and GRU weights transposed, norms'
+    weight -> scale, the positional table's leading 1 dropped."""
+    official_parity = _load("official_parity")
+    names = {"dvae.encoder.0.m.weight": 4, "dvae.encoder.0.weight": 1, "dvae.encoder.0.bias": 1,
+             "dvae.encoder.7.weight": 4, "dvae.encoder.7.bias": 1,
+             "positional_encoder.pe": 3, "slot_attn.slot_mu": 3,
+             "slot_attn.mlp.2.weight": 2, "slot_attn.layer_norm.weight": 1,
+             "slot_attn.slot_attention.gru.weight_hh": 2,
+             "slot_attn.slot_attention.gru.bias_ih": 1,
+             "slot_attn.slot_attention.mlp.0.bias": 1,
+             "slot_attn.slot_attention.norm_slots.weight": 1,
+             "slot_attn.slot_attention.project_k.weight": 2,
+             "dictionary.dictionary.weight": 2, "slot_proj.weight": 2, "out.weight": 2,
+             "tf_dec.blocks.1.ffn.0.weight": 2, "tf_dec.blocks.0.self_attn.proj_o.weight": 2,
+             "tf_dec.blocks.0.encoder_decoder_attn_layer_norm.bias": 1,
+             "tf_dec.layer_norm.weight": 1}
+    got = {n: official_parity.our_path(n, ndim, set(names)) for n, ndim in names.items()}
+    assert got == {
+        "dvae.encoder.0.m.weight": (("dvae", "encoder", "layers", 0, "conv", "kernel"), "conv"),
+        "dvae.encoder.0.weight": (("dvae", "encoder", "layers", 0, "norm", "scale"), "same"),
+        "dvae.encoder.0.bias": (("dvae", "encoder", "layers", 0, "norm", "bias"), "same"),
+        "dvae.encoder.7.weight": (("dvae", "encoder", "layers", 7, "kernel"), "conv"),
+        "dvae.encoder.7.bias": (("dvae", "encoder", "layers", 7, "bias"), "same"),
+        "positional_encoder.pe": (("positions", "pe"), "squeeze0"),
+        "slot_attn.slot_mu": (("encoder", "slot_attention", "slots_mu"), "same"),
+        "slot_attn.mlp.2.weight": (("encoder", "mlp_out", "kernel"), "transpose"),
+        "slot_attn.layer_norm.weight": (("encoder", "norm", "scale"), "same"),
+        "slot_attn.slot_attention.gru.weight_hh": (
+            ("encoder", "slot_attention", "step", "gru", "w_hh"), "transpose"),
+        "slot_attn.slot_attention.gru.bias_ih": (
+            ("encoder", "slot_attention", "step", "gru", "b_ih"), "same"),
+        "slot_attn.slot_attention.mlp.0.bias": (
+            ("encoder", "slot_attention", "step", "mlp_in", "bias"), "same"),
+        "slot_attn.slot_attention.norm_slots.weight": (
+            ("encoder", "slot_attention", "step", "norm_slots", "scale"), "same"),
+        "slot_attn.slot_attention.project_k.weight": (
+            ("encoder", "slot_attention", "project_k", "kernel"), "transpose"),
+        "dictionary.dictionary.weight": (("dictionary", "embed", "embedding"), "same"),
+        "slot_proj.weight": (("slot_proj", "kernel"), "transpose"),
+        "out.weight": (("head", "kernel"), "transpose"),
+        "tf_dec.blocks.1.ffn.0.weight": (("decoder", "blocks", 1, "ffn_in", "kernel"),
+                                         "transpose"),
+        "tf_dec.blocks.0.self_attn.proj_o.weight": (
+            ("decoder", "blocks", 0, "self_attn", "proj_o", "kernel"), "transpose"),
+        "tf_dec.blocks.0.encoder_decoder_attn_layer_norm.bias": (
+            ("decoder", "blocks", 0, "encoder_decoder_attn_layer_norm", "bias"), "same"),
+        "tf_dec.layer_norm.weight": (("decoder", "layer_norm", "scale"), "same"),
+    }
+    conv = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # OIHW
+    assert official_parity.convert(conv, "conv").shape == (4, 5, 3, 2)
+    assert official_parity.convert(conv, "conv")[1, 2, 0, 1] == conv[1, 0, 1, 2]
