@@ -339,3 +339,35 @@ def test_official_parity_maps_every_official_parameter_name():
     conv = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # OIHW
     assert official_parity.convert(conv, "conv").shape == (4, 5, 3, 2)
     assert official_parity.convert(conv, "conv")[1, 2, 0, 1] == conv[1, 0, 1, 2]
+
+
+def test_token_ceiling_majority_and_ceiling_masks_on_a_known_mask(tmp_path):
+    """Two objects on an 8x8 mask of 2x2 tokens (4x4 pixels): the majority map and both FG-ARIs
+    against sklearn on the map written out by hand; then the script on the tiny config."""
+    import jax.numpy as jnp
+    from sklearn.metrics import adjusted_rand_score
+
+    from fixed_slots.models.segmentation import adjusted_rand_index, token_resolution_ceiling
+
+    token_ceiling = _load("token_ceiling")
+    mask = np.zeros((1, 8, 8), np.int32)
+    mask[0, 0:4, 0:4] = 1  # token (0, 0): all object 1
+    mask[0, 0:2, 4:8] = 2  # token (0, 1): 8 pixels of object 2, 8 of background: a tie -> 0
+    mask[0, 4:7, 4:7] = 2  # token (1, 1): 9 pixels of object 2
+    expected = np.zeros((8, 8), np.int32)
+    expected[0:4, 0:4], expected[4:8, 4:8] = 1, 2
+    majority = np.asarray(token_ceiling.majority_tokens(jnp.asarray(mask), 4, 3))
+    np.testing.assert_array_equal(majority[0], expected)
+    fg = mask[0] > 0
+    fg_ari = float(adjusted_rand_index(jnp.asarray(mask), jnp.asarray(majority), 3, 3,
+                                       ignore_background=True)[0])
+    assert abs(fg_ari - adjusted_rand_score(mask[0][fg], expected[fg])) < 1e-6
+    assert fg_ari < 0.9  # object 2 split between background and itself
+    assert float(token_resolution_ceiling(jnp.asarray(mask), 4, 3)[0]) == 1.0
+
+    path = tmp_path / "ceiling.json"
+    out = run(["benchmarks/token_ceiling.py", "--config=configs/default.py:tiny",
+               f"--json={path}"])
+    figures = json.loads(path.read_text())
+    assert figures["num_scenes"] == 8 and "| 16 | 16 |" in out  # eval.batch_size x num_batches
+    assert 0.0 <= figures["majority"] <= figures["ceiling"] <= 1.0
