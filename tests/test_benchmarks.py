@@ -264,3 +264,110 @@ def test_gpu_suite_plan_and_targets():
     assert targets["decode bf16 >= 58x official"].endswith("**met** |")  # 64.7x
     assert targets["peak float32 <= 4638 MiB"].endswith("**missed** |")
     assert "### profile_f32: timeout (90 s)" in text and "| official_unroll | not reached |" in text
+
+
+def test_official_parity_parses_its_flags_and_refuses_a_missing_checkout(capsys):
+    """The parity harness (torch + the official code, neither installed for tests) parses its
+    flags, and without an official checkout stops with the message, before torch is imported."""
+    official_parity = _load("official_parity")
+    a = official_parity.parse_args(["--slate_dir=/x", "--grads=unroll,IN", "--dtype=float64",
+                                    "--set=slot_attention.num_heads=2", "--step=5"])
+    assert (a.grads, a.dtype, a.set, a.step, a.tol, a.seed) == (
+        "unroll,IN", "float64", ["slot_attention.num_heads=2"], 5, 1e-5, 1)
+    for bad in ([], ["--slate_dir=/x", "--grads=unroll,implicit"],
+                ["--slate_dir=/x", "--dtype=bf16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            official_parity.parse_args(bad)
+        assert exit_info.value.code == 2, bad
+    assert "--grads: ['implicit']" in capsys.readouterr().err
+    torch_loaded = "torch" in sys.modules
+    with pytest.raises(SystemExit, match="does not contain slate.py"):
+        official_parity.main(["--slate_dir=/nonexistent/slate"])
+    assert ("torch" in sys.modules) == torch_loaded
+
+
+def test_official_parity_maps_every_official_parameter_name():
+    """The name -> (our path, layout) rules on the official model's parameter names (listed
+    here, no torch): conv kernels OIHW -> HWIO, Linear and GRU weights transposed, norms'
+    weight -> scale, the positional table's leading 1 dropped."""
+    official_parity = _load("official_parity")
+    names = {"dvae.encoder.0.m.weight": 4, "dvae.encoder.0.weight": 1, "dvae.encoder.0.bias": 1,
+             "dvae.encoder.7.weight": 4, "dvae.encoder.7.bias": 1,
+             "positional_encoder.pe": 3, "slot_attn.slot_mu": 3,
+             "slot_attn.mlp.2.weight": 2, "slot_attn.layer_norm.weight": 1,
+             "slot_attn.slot_attention.gru.weight_hh": 2,
+             "slot_attn.slot_attention.gru.bias_ih": 1,
+             "slot_attn.slot_attention.mlp.0.bias": 1,
+             "slot_attn.slot_attention.norm_slots.weight": 1,
+             "slot_attn.slot_attention.project_k.weight": 2,
+             "dictionary.dictionary.weight": 2, "slot_proj.weight": 2, "out.weight": 2,
+             "tf_dec.blocks.1.ffn.0.weight": 2, "tf_dec.blocks.0.self_attn.proj_o.weight": 2,
+             "tf_dec.blocks.0.encoder_decoder_attn_layer_norm.bias": 1,
+             "tf_dec.layer_norm.weight": 1}
+    got = {n: official_parity.our_path(n, ndim, set(names)) for n, ndim in names.items()}
+    assert got == {
+        "dvae.encoder.0.m.weight": (("dvae", "encoder", "layers", 0, "conv", "kernel"), "conv"),
+        "dvae.encoder.0.weight": (("dvae", "encoder", "layers", 0, "norm", "scale"), "same"),
+        "dvae.encoder.0.bias": (("dvae", "encoder", "layers", 0, "norm", "bias"), "same"),
+        "dvae.encoder.7.weight": (("dvae", "encoder", "layers", 7, "kernel"), "conv"),
+        "dvae.encoder.7.bias": (("dvae", "encoder", "layers", 7, "bias"), "same"),
+        "positional_encoder.pe": (("positions", "pe"), "squeeze0"),
+        "slot_attn.slot_mu": (("encoder", "slot_attention", "slots_mu"), "same"),
+        "slot_attn.mlp.2.weight": (("encoder", "mlp_out", "kernel"), "transpose"),
+        "slot_attn.layer_norm.weight": (("encoder", "norm", "scale"), "same"),
+        "slot_attn.slot_attention.gru.weight_hh": (
+            ("encoder", "slot_attention", "step", "gru", "w_hh"), "transpose"),
+        "slot_attn.slot_attention.gru.bias_ih": (
+            ("encoder", "slot_attention", "step", "gru", "b_ih"), "same"),
+        "slot_attn.slot_attention.mlp.0.bias": (
+            ("encoder", "slot_attention", "step", "mlp_in", "bias"), "same"),
+        "slot_attn.slot_attention.norm_slots.weight": (
+            ("encoder", "slot_attention", "step", "norm_slots", "scale"), "same"),
+        "slot_attn.slot_attention.project_k.weight": (
+            ("encoder", "slot_attention", "project_k", "kernel"), "transpose"),
+        "dictionary.dictionary.weight": (("dictionary", "embed", "embedding"), "same"),
+        "slot_proj.weight": (("slot_proj", "kernel"), "transpose"),
+        "out.weight": (("head", "kernel"), "transpose"),
+        "tf_dec.blocks.1.ffn.0.weight": (("decoder", "blocks", 1, "ffn_in", "kernel"),
+                                         "transpose"),
+        "tf_dec.blocks.0.self_attn.proj_o.weight": (
+            ("decoder", "blocks", 0, "self_attn", "proj_o", "kernel"), "transpose"),
+        "tf_dec.blocks.0.encoder_decoder_attn_layer_norm.bias": (
+            ("decoder", "blocks", 0, "encoder_decoder_attn_layer_norm", "bias"), "same"),
+        "tf_dec.layer_norm.weight": (("decoder", "layer_norm", "scale"), "same"),
+    }
+    conv = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # OIHW
+    assert official_parity.convert(conv, "conv").shape == (4, 5, 3, 2)
+    assert official_parity.convert(conv, "conv")[1, 2, 0, 1] == conv[1, 0, 1, 2]
+
+
+def test_token_ceiling_majority_and_ceiling_masks_on_a_known_mask(tmp_path):
+    """Two objects on an 8x8 mask of 2x2 tokens (4x4 pixels): the majority map and both FG-ARIs
+    against sklearn on the map written out by hand; then the script on the tiny config."""
+    import jax.numpy as jnp
+    from sklearn.metrics import adjusted_rand_score
+
+    from fixed_slots.models.segmentation import adjusted_rand_index, token_resolution_ceiling
+
+    token_ceiling = _load("token_ceiling")
+    mask = np.zeros((1, 8, 8), np.int32)
+    mask[0, 0:4, 0:4] = 1  # token (0, 0): all object 1
+    mask[0, 0:2, 4:8] = 2  # token (0, 1): 8 pixels of object 2, 8 of background: a tie -> 0
+    mask[0, 4:7, 4:7] = 2  # token (1, 1): 9 pixels of object 2
+    expected = np.zeros((8, 8), np.int32)
+    expected[0:4, 0:4], expected[4:8, 4:8] = 1, 2
+    majority = np.asarray(token_ceiling.majority_tokens(jnp.asarray(mask), 4, 3))
+    np.testing.assert_array_equal(majority[0], expected)
+    fg = mask[0] > 0
+    fg_ari = float(adjusted_rand_index(jnp.asarray(mask), jnp.asarray(majority), 3, 3,
+                                       ignore_background=True)[0])
+    assert abs(fg_ari - adjusted_rand_score(mask[0][fg], expected[fg])) < 1e-6
+    assert fg_ari < 0.9  # object 2 split between background and itself
+    assert float(token_resolution_ceiling(jnp.asarray(mask), 4, 3)[0]) == 1.0
+
+    path = tmp_path / "ceiling.json"
+    out = run(["benchmarks/token_ceiling.py", "--config=configs/default.py:tiny",
+               f"--json={path}"])
+    figures = json.loads(path.read_text())
+    assert figures["num_scenes"] == 8 and "| 16 | 16 |" in out  # eval.batch_size x num_batches
+    assert 0.0 <= figures["majority"] <= figures["ceiling"] <= 1.0

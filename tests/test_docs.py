@@ -11,7 +11,16 @@
   setup.py defines. Other commands (pytest, tensorboard, srun, ...) are left alone.
 - ```text blocks are output, not code. A block preceded by `<!-- docs-test: skip REASON -->` is
   not run; the reason is required (e.g. it needs a GPU or a dataset that cannot be downloaded).
+- BENCHMARKS.md and benchmarks/README.md (the commands behind the figures): every command of
+  their ```bash blocks and every inline `python ...` span is checked as above, and each
+  `python benchmarks/X.py FLAGS` (or `bash benchmarks/X.sh FLAGS`, whose flags go to X.py) is run
+  with exactly those flags up to its argument parsing and no further: the flags must parse, and
+  a `--config` with its `--set` overrides (and a `--compute_dtype`) must load and validate.
+  Nothing is measured, so commands needing torch, an official checkout or a GPU are checked
+  too. Shell variables set in the same block (`S=...`, `T="..."`) are substituted, a word that
+  is only `$VAR` split into words; comments are dropped.
 """
+import json
 import os
 import pathlib
 import re
@@ -24,18 +33,20 @@ import pytest
 from helpers import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BENCHMARK_DOCS = [ROOT / "BENCHMARKS.md", ROOT / "benchmarks" / "README.md"]
 _BLOCK = re.compile(r"(?:<!--\s*docs-test:\s*(?P<marker>[^>]*?)\s*-->\s*\n)?"
                     r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<body>.*?)^```", re.S | re.M)
 _REPO_PATH = re.compile(r"^(configs|benchmarks|docs|examples|tests|data_prep|fixed_slots)/\S+")
 
 
-def _blocks():
-    for path in DOCS:
+def _blocks(docs=DOCS):
+    for path in docs:
         text = path.read_text()
         for number, match in enumerate(_BLOCK.finditer(text), 1):
             line = text[:match.start("body")].count("\n") + 1
             yield pytest.param(path, match.group("lang"), match.group("body"),
-                               match.group("marker"), id=f"{path.name}:{line}")
+                               match.group("marker"),
+                               id=f"{path.relative_to(ROOT)}:{line}")
 
 
 BLOCKS = list(_blocks())
@@ -64,18 +75,48 @@ def trained_run(tmp_path_factory):
     return workdir
 
 
+def _strip_comments(body: str) -> str:
+    """Each line without its shell comment (an unquoted # at the start of a word)."""
+    lines = []
+    for line in body.split("\n"):
+        quote = None
+        for i, char in enumerate(line):
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+                line = line[:i]
+                break
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _commands(body: str):
     """Shell commands of a bash block: continuations joined, comments dropped, split on newlines
-    and ; & && | outside quotes; leading VAR=value assignments and `srun` dropped, and
-    everything from a redirection on."""
-    lexer = shlex.shlex(re.sub(r"\\\n", " ", body), posix=True, punctuation_chars=";&|\n")
+    and ; & && | outside quotes; VAR=value assignments remembered and $VAR / ${VAR} substituted
+    in later words (a word that is only an unquoted-looking $VAR is split on whitespace), then
+    dropped, as is `srun`; everything from a redirection on is replaced by None."""
+    lexer = shlex.shlex(_strip_comments(re.sub(r"\\\n", " ", body)), posix=True,
+                        punctuation_chars=";&|\n")
     lexer.whitespace = " \t"
     lexer.whitespace_split = True
+    lexer.commenters = ""  # (shlex's own comments swallow the newline that ends them)
+    variables: dict[str, str] = {}
     command = []
+
+    def substitute(token: str) -> list[str]:
+        whole = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", token)
+        if whole and whole.group(1) in variables:
+            return variables[whole.group(1)].split()
+        return [re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                       lambda m: variables.get(m.group(1), m.group(0)), token)]
+
     for token in list(lexer) + ["\n"]:
         if token and set(token) <= set(";&|\n"):
-            while command and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", command[0]):
-                command.pop(0)
+            while command and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", command[0] or ""):
+                name, value = command.pop(0).split("=", 1)
+                variables[name] = value
             if command and command[0] == "srun":
                 command.pop(0)
             if command:
@@ -83,8 +124,10 @@ def _commands(body: str):
             command = []
         elif re.match(r"^\d?>", token) or token.startswith("<"):
             command.append(None)  # a redirection: the rest is not arguments
+        elif None in command:
+            continue
         else:
-            command.append(token)
+            command.extend(substitute(token))
 
 
 def _extras() -> set[str]:
@@ -93,7 +136,69 @@ def _extras() -> set[str]:
     return set(re.findall(r'^\s*"([\w-]+)":', block, re.M))
 
 
-def _check_command(words):
+_BENCHMARK_SCRIPT = re.compile(r"^benchmarks/[\w-]+\.(py|sh)$")
+
+# Runs benchmark scripts up to their argparse call and no further (one process for a list of
+# commands, read as JSON [[script, argv], ...] from stdin); prints one result per command: null
+# (the flags parse; a --config with its --set overrides loads and validates) or the error.
+_PARSE_ONLY = r"""
+import argparse, contextlib, io, json, runpy, sys, traceback
+
+
+class Parsed(BaseException):
+    pass
+
+
+real_parse_args = argparse.ArgumentParser.parse_args
+
+
+def parse_args(self, args=None, namespace=None):
+    raise Parsed(real_parse_args(self, args, namespace))
+
+
+argparse.ArgumentParser.parse_args = parse_args
+results = []
+for script, argv in json.load(sys.stdin):
+    sys.argv = [script, *argv]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(script, run_name="__main__")
+        results.append("ran to its end without parsing flags")
+    except Parsed as parsed:
+        ns = vars(parsed.args[0])
+        try:
+            config = ns.get("config")
+            if isinstance(config, str) and config.partition(":")[0].endswith(".py"):
+                from fixed_slots import configlib
+                loaded = configlib.from_file(config, ns.get("set") or [])
+                if ns.get("compute_dtype"):  # the scripts' --compute_dtype overrides the config
+                    loaded.train.compute_dtype = ns["compute_dtype"]
+                configlib.validate(loaded)
+            results.append(None)
+        except Exception as e:
+            results.append(f"--config/--set: {type(e).__name__}: {e}")
+    except SystemExit as e:
+        results.append(f"exit {e.code}: {err.getvalue()[-1500:]}")
+    except BaseException:
+        results.append(traceback.format_exc()[-1500:])
+print(json.dumps(results))
+"""
+
+
+def _parse_only(jobs: list[tuple[str, list[str]]]) -> list:
+    """Each (script, argv) run up to its argument parsing: None or the error, per job."""
+    if not jobs:
+        return []
+    result = subprocess.run([sys.executable, "-c", _PARSE_ONLY], cwd=ROOT, env=_env(),
+                            input=json.dumps(jobs), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _check_command(words) -> tuple[str, list[str]] | None:
+    """Checks one command; returns (script, argv) of a benchmark script whose flags remain to be
+    parsed (`_parse_only`), else None."""
     if None in words:
         words = words[:words.index(None)]
     if words[0] in ("pip", "pip3") or words[:3] in (["python", "-m", "pip"],
@@ -102,15 +207,24 @@ def _check_command(words):
             for extras in re.findall(r"\[([\w,-]+)\]", word):
                 unknown = set(extras.split(",")) - _extras()
                 assert not unknown, f"setup.py has no extra(s) {unknown}: {' '.join(words)}"
-        return
+        return None
+    if words[0] == "bash" and len(words) > 1 and _BENCHMARK_SCRIPT.match(words[1]):
+        script = ROOT / words[1]
+        assert script.is_file(), f"no such script {words[1]}"
+        syntax = _run(["bash", "-n", str(script)])
+        assert syntax.returncode == 0, f"{words[1]}: {syntax.stderr}"
+        python = script.with_suffix(".py")  # gpu_suite.sh passes its flags to gpu_suite.py
+        return (str(python.relative_to(ROOT)), words[2:]) if python.is_file() else None
     if words[0] not in ("python", "python3"):
-        return  # pytest, tensorboard, srun, cd, ...: not ours to run here
+        return None  # pytest, tensorboard, srun, cd, ...: not ours to run here
     for word in words[1:]:
         value = word.split("=", 1)[-1]
-        for candidate in (value, value.split(":", 1)[0]):
-            if _REPO_PATH.match(candidate) and "*" not in candidate:
-                assert (ROOT / candidate).exists(), f"no such file {candidate}: {' '.join(words)}"
-                break
+        # a path, or a path with a suffix such as configs/default.py:tiny
+        candidates = [c for c in (value, value.split(":", 1)[0])
+                      if _REPO_PATH.match(c) and "*" not in c]
+        if candidates:
+            assert any((ROOT / c).exists() for c in candidates), (
+                f"no such file {candidates[-1]}: {' '.join(words)}")
     if words[1] == "main.py":
         args = [w for w in words[2:] if not w.startswith(("--mode", "--workdir"))]
         result = _run([sys.executable, "main.py", *args, "--mode=show_config"])
@@ -120,8 +234,17 @@ def _check_command(words):
         assert result.returncode == 0, f"{' '.join(words)}\n{result.stderr[-2000:]}"
     elif words[1].endswith(".py"):
         assert (ROOT / words[1]).is_file(), f"no such script {words[1]}"
+        if _BENCHMARK_SCRIPT.match(words[1]):
+            return words[1], words[2:]
         result = _run([sys.executable, words[1], "--help"], timeout=300)
         assert result.returncode == 0, f"{' '.join(words)}\n{result.stderr[-2000:]}"
+    return None
+
+
+def _assert_flags_parse(jobs: list[tuple[str, list[str]]], where: str) -> None:
+    errors = [f"{where}: python {script} {' '.join(argv)}\n    {error}"
+              for (script, argv), error in zip(jobs, _parse_only(jobs)) if error]
+    assert not errors, "\n".join(errors)
 
 
 @pytest.mark.parametrize("path, lang, body, marker", BLOCKS)
@@ -138,15 +261,51 @@ def test_code_block_runs_as_written(path, lang, body, marker, request):
         result = _run([sys.executable, "-c", body])
         assert result.returncode == 0, f"{path.name} block failed:\n{result.stderr[-3000:]}"
     elif lang in ("bash", "sh", "shell"):
-        for words in _commands(body):
-            _check_command(words)
+        jobs = [job for job in map(_check_command, _commands(body)) if job]
+        _assert_flags_parse(jobs, path.name)
     else:
         assert lang in ("text", "", "console", "json", "yaml"), f"unknown block language {lang}"
 
 
 def test_every_doc_has_its_blocks_collected():
     """The block pattern sees every fence: an unbalanced or unusual fence would hide code."""
-    for path in DOCS:
+    for path in DOCS + BENCHMARK_DOCS:
         fences = len(re.findall(r"^```", path.read_text(), re.M))
-        found = sum(1 for p in BLOCKS if p.values[0] == path)
+        found = sum(1 for p in _blocks([path]))
         assert fences == 2 * found, f"{path.name}: {fences} fences, {found} blocks"
+
+
+def _benchmark_commands(path: pathlib.Path):
+    """(line, words) of every command of the document's bash blocks (unless skipped with a
+    reason) and of every inline code span that starts with `python`."""
+    text = path.read_text()
+    for block in _blocks([path]):
+        _, lang, body, marker = block.values
+        line = int(block.id.rsplit(":", 1)[1])
+        if marker:
+            assert marker.startswith("skip") and marker.removeprefix("skip").strip(), marker
+            continue
+        if lang in ("bash", "sh", "shell"):
+            for words in _commands(body):
+                yield line, words
+    prose = _BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    for match in re.finditer(r"(?<!`)`([^`]+)`(?!`)", prose):
+        span = " ".join(match.group(1).split())
+        if re.match(r"python3? ", span):
+            yield prose[:match.start()].count("\n") + 1, shlex.split(span)
+
+
+@pytest.mark.parametrize("path", BENCHMARK_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_benchmark_commands_parse_their_flags(path):
+    """Every command behind a figure runs today, up to its argument parsing (see the module
+    docstring; the rule is stated at the top of BENCHMARKS.md)."""
+    jobs, where = [], []
+    for line, words in _benchmark_commands(path):
+        job = _check_command(words)
+        if job:
+            jobs.append(job)
+            where.append(f"{path.name}:{line}")
+    assert len(jobs) >= 5, f"{path.name}: only {len(jobs)} benchmark commands found"
+    errors = [f"{w}: {' '.join([s, *a])}\n    {e}"
+              for w, (s, a), e in zip(where, jobs, _parse_only(jobs)) if e]
+    assert not errors, "\n".join(errors)
