@@ -488,10 +488,11 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from fixed_slots import configlib, models
+    from fixed_slots.train import trainer
     from fixed_slots.data.synthetic import generate_batch
 
     config = configlib.from_file(a.config, [*SHAPES, *a.set, *FORCED])
-    configlib.validate(config)
+    trainer.check_config(config)
     if config.model.name != "slate" or config.train.compute_dtype != "float32":
         raise SystemExit("official_parity compares SLATE with train.compute_dtype=float32")
     float64 = a.dtype == "float64"

@@ -9,7 +9,7 @@ repetition). Two segmentations made of whole tokens, scored with the evaluation'
   ceiling   each token to the object covering most of its foreground pixels: the best token
             masks can do, FG-ARI ignoring background pixels (the evaluation reports it as
             `fg_ari_token_ceiling`)
-The scenes are the config's validation split as `fixed_slots.eval.evaluate` reads it (the first
+The scenes are the config's validation split as `fixed_slots.eval.evaluator` reads it (the first
 eval.batch_size x eval.num_batches images, unless --num_scenes). Seconds on a CPU.
 
   python benchmarks/token_ceiling.py --config=configs/default.py
@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fixed_slots import configlib
+
+from fixed_slots.train import trainer
 from fixed_slots.data.pipeline import make_loader
 from fixed_slots.models.segmentation import adjusted_rand_index, token_resolution_ceiling
 
@@ -53,7 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     config = configlib.from_file(a.config, a.set)
-    configlib.validate(config)
+    trainer.check_config(config)
     if config.model.name != "slate":
         raise SystemExit(f"token masks are SLATE's; {a.config} builds {config.model.name!r}")
     batch_size = config.eval.batch_size

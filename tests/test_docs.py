@@ -171,10 +171,11 @@ for script, argv in json.load(sys.stdin):
             config = ns.get("config")
             if isinstance(config, str) and config.partition(":")[0].endswith(".py"):
                 from fixed_slots import configlib
+                from fixed_slots.train import trainer
                 loaded = configlib.from_file(config, ns.get("set") or [])
                 if ns.get("compute_dtype"):  # the scripts' --compute_dtype overrides the config
                     loaded.train.compute_dtype = ns["compute_dtype"]
-                configlib.validate(loaded)
+                trainer.check_config(loaded)
             results.append(None)
         except Exception as e:
             results.append(f"--config/--set: {type(e).__name__}: {e}")

@@ -1,6 +1,6 @@
 """ARI and FG-ARI as the evaluation computes them, against sklearn, per image.
 
-The model's `evaluate_batch` (jitted, as `fixed_slots.eval.evaluate` runs it) on synthetic scenes
+The model's `evaluate_batch` (jitted, as `fixed_slots.eval.evaluator` runs it) on synthetic scenes
 with their true masks; its slot attention returns an attention map this test chooses (the real
 slots are kept), so the predicted segmentation is known: each pixel goes to the slot with the
 largest attention of its token. The reference is `sklearn.metrics.adjusted_rand_score` of the
@@ -71,7 +71,7 @@ def test_slate_evaluation_ari_and_fg_ari_match_sklearn_per_image(monkeypatch):
     monkeypatch.setattr(SlotAttention, "__call__", known_attention)
     graphdef, params = models.split_params(models.create(config, rngs=nnx.Rngs(0)))
     evaluate_batch = jax.jit(lambda p, batch, key: nnx.merge(graphdef, p).evaluate_batch(
-        batch, key))  # as fixed_slots.eval.evaluate calls it
+        batch, key))  # as fixed_slots.eval.evaluator calls it
     result = jax.device_get(evaluate_batch(
         params, {"image": images, "mask": jnp.asarray(raw["mask"])}, jax.random.key(0)))
     np.testing.assert_allclose(result.per_example["ari"], ari_ref, rtol=0, atol=1e-5)
