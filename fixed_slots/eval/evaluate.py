@@ -1,6 +1,7 @@
 """`evaluate(config, workdir)`: metrics and pictures for the latest checkpoint in workdir.
 
-Writes `workdir/eval/metrics.json` and PNG grids under `workdir/eval/`. Every model provides
+Writes `workdir/eval/metrics.json`, `eval/per_image.json` (each per-example metric, image by
+image, in evaluation order) and PNG grids under `workdir/eval/`. Every model provides
 `evaluate_batch(batch, key) -> EvalBatch` (jittable): per-example metrics that are averaged here,
 and arrays for host-side metrics (FID on generated images, set-prediction AP). Nothing is made up:
 FID without Inception weights is skipped with a message, and recorded as skipped.
@@ -97,6 +98,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         eval_batch, pictures = jax.jit(eval_fn), jax.jit(pictures_fn)
     key = jax.random.key(config.seed + 1)
     sums: dict[str, float] = {}
+    per_image: dict[str, list[float]] = {}  # eval/per_image.json: the evaluation's own noise
     count = 0
     generated: list[np.ndarray] = []
     set_predictions: list[SetPredictions] = []
@@ -108,6 +110,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         result = jax.device_get(eval_batch(params, batch, batch_key))
         for name, values in result.per_example.items():
             sums[name] = sums.get(name, 0.0) + float(np.sum(values))
+            per_image.setdefault(name, []).extend(np.asarray(values, np.float64).ravel().tolist())
         count += len(batch["image"])
         if result.generated is not None:
             generated.append(np.asarray(result.generated))
@@ -136,6 +139,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if primary:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(clean, f, indent=2, sort_keys=True)
+        with open(os.path.join(out_dir, "per_image.json"), "w") as f:
+            json.dump(per_image, f)
     if primary:
         log.info("%s", summary_line(clean, out_dir))
     return clean
