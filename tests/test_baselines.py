@@ -96,6 +96,13 @@ def test_kmeans_finds_separated_clusters_and_is_deterministic():
     labels = baselines.kmeans(points, 3, seed=1)
     assert adjusted_rand_score(truth, labels) == 1.0
     np.testing.assert_array_equal(labels, baselines.kmeans(points, 3, seed=1))
+    # On structureless data the result is a Lloyd fixed point: each point nearest the mean of
+    # its own cluster (seeding alone, without the updates, is not).
+    points = rng.random((300, 2))
+    labels = baselines.kmeans(points, 5, seed=0)
+    means = np.stack([points[labels == j].mean(0) for j in range(5)])
+    nearest = np.argmin(((points[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(nearest, labels)
     # Fewer distinct points than clusters: no crash, every point labelled.
     assert len(baselines.kmeans(np.zeros((10, 3)), 4, seed=0)) == 10
 
