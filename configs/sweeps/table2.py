@@ -1,11 +1,47 @@
-"""Table 2 / Fig. 3b: vanilla vs the four implicit variants on CLEVR-Mirror at 64x64.
+"""Table 2 / Fig. 3b on a GPU: vanilla vs the four implicit variants on CLEVR-Mirror at 64x64.
 
-IN/IB/BN/BB = forward naive Iteration or Broyden x backward first-order Neumann or Broyden adjoint.
+The paper's SLATE (configs/slate_clevr.py: batch 50, vocab 1024, d_model 192, 4 decoder blocks,
+250k steps) with the arms of the 2-CPU study configs/sweeps/study_clevr_mirror.py: vanilla
+(`unroll`) at T=7 and at T=8 (as many updates as the implicit arms: 7 without gradient + 1),
+and IN/IB/BN/BB at T=7 = forward naive Iteration or Broyden x backward first-order Neumann or
+Broyden adjoint (IN == `neumann1`). Evaluation on the whole validation split (455 scenes of the
+3033 in /work/shared/data/clevr_mirror, in 13 batches of 35).
+
+  DATA=/work/data/tfds W=/data/runs/table2   # DATA: where `data_prep build` wrote the records
+  python -m data_prep build clevr_mirror --source=/work/shared/data/clevr_mirror --data_dir=$DATA
+  python -m fixed_slots.experiments.baselines --config=configs/slate_clevr.py \\
+      --set=data.data_dir=$DATA --set=data.image_size=64 --set=eval.batch_size=35 \\
+      --set=eval.num_batches=0 --out=$W
+  python -m fixed_slots.experiments.sweep --sweep=configs/sweeps/table2.py --workdir=$W \\
+      --seeds=0,1,2 --set=data.data_dir=$DATA
+  python -m fixed_slots.experiments.sweep --sweep=configs/sweeps/table2.py --workdir=$W \\
+      --seeds=3,4,5 --only=vanilla,IN --set=data.data_dir=$DATA
+  python -m fixed_slots.experiments.report --sweep_dir=$W \\
+      --paired=IN-vanilla,IN-vanilla_T8,BN-vanilla,BB-vanilla,IB-vanilla \\
+      --tags=cross_entropy,loss,grad_norm,jacobian_spectral_norm,slot_residual
+
+Time on one H100/H200 (an ESTIMATE, not measured at 64x64): the measured float32 step at the
+paper's 96x96 setting is 25.2 ms (unroll) / 27.9 ms (neumann1) on an H200 (BENCHMARKS.md,
+2026-11-26; the step is launch-bound, and the official code's 64x64 step costs 0.94x its 96x96
+one, so 64x64 is taken as the same). 250k steps ~ 1.75 h (vanilla) / 1.95 h (IN) a run; the
+Broyden arms (IB, BN, BB) are not measured on a GPU: at the CPU ratio of
+configs/study_clevr_mirror.py's docstring (1.3-1.8x IN's step) ~2.5-3.5 h. 24 runs (6 arms x 3
+seeds + 3 more seeds of vanilla and IN): ~55-65 h on one GPU, one run at a time; the model uses
+~5 GiB, so several sweep processes sharing $W (run locks) on one H200 should take less, not
+measured. Add --set=train.compute_dtype=bfloat16 --set=slate.attention_impl=cudnn
+--set=slate.attn_prob_dropout=False for the faster bf16 step (16.1 ms at 96x96), a change of
+recipe the report then has to state. Produces $W/<arm>/seed_<s>/ (TensorBoard events, eval/
+metrics.json, per_image.json, pictures) and the report's tables and curves.
 """
 BASE = "configs/slate_clevr.py"
-COMMON = {"data.image_size": 64}
+COMMON = {"data.image_size": 64, "eval.batch_size": 35, "eval.num_batches": 0}
 
 
 def get_runs():
-    return [("vanilla", {"grad": "unroll"}), ("IB", {"grad": "IB"}), ("BB", {"grad": "BB"}),
-            ("IN", {"grad": "IN"}), ("BN", {"grad": "BN"})]
+    # In order of priority (a sweep goes seed by seed, run by run in this order).
+    return [("vanilla", {"grad": "unroll", "slot_attention.num_iterations": 7}),
+            ("IN", {"grad": "IN", "slot_attention.num_iterations": 7}),
+            ("vanilla_T8", {"grad": "unroll", "slot_attention.num_iterations": 8}),
+            ("BN", {"grad": "BN", "slot_attention.num_iterations": 7}),
+            ("BB", {"grad": "BB", "slot_attention.num_iterations": 7}),
+            ("IB", {"grad": "IB", "slot_attention.num_iterations": 7})]
