@@ -22,13 +22,15 @@ dVAE tokens of 4x4 pixels, pixels for the other models; shapes made there, then 
   token_ceiling    not a baseline: each token to the object covering most of it (the upper
                    bound of token-sized masks, `token_resolution_ceiling`; also the scenes'
                    fingerprint: every evaluated run reports the same `fg_ari_token_ceiling`)
-k-means is NumPy's: k-means++ seeding from a seed fixed per image, 3 restarts (the lowest
-inertia kept), Lloyd iterations to convergence (at most 100): deterministic.
+k-means is NumPy's: k-means++ seeding from a seed fixed per image, 10 restarts (the lowest
+inertia kept), Lloyd iterations until the labels or the centres stop moving (scikit-learn's
+tolerance, at most 100 iterations): deterministic.
 
 Writes DIR/baselines.json: per baseline its FG-ARI and ARI (mean over images), their standard
-error over images (sample std / sqrt(n)) and the per-image values; plus the config, the number
-of images and mask ids. `fixed_slots.experiments.report` puts them next to a sweep's runs when
-DIR is the sweep's workdir.
+error over images (sample std / sqrt(n)), the per-image values (in evaluation order, so they
+pair with a run's eval/per_image.json) and whether it is input-independent; plus the config,
+the number of images and mask ids. `fixed_slots.experiments.report` puts them next to a sweep's
+runs when DIR is the sweep's workdir.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import json
 import math
 import os
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -48,8 +50,9 @@ from fixed_slots.models.segmentation import segmentation_metrics, token_resoluti
 # Pixels per mask cell side: SLATE's masks are its dVAE's token grid (4x downsampling); the
 # autoencoders' alpha masks are per pixel.
 MASK_FACTOR = {"slate": 4}
-KMEANS_RESTARTS = 3
+KMEANS_RESTARTS = 10  # as scikit-learn's classic n_init=10
 KMEANS_MAX_ITER = 100
+KMEANS_TOL = 1e-4  # centre shift, relative to the data's variance (scikit-learn's tol)
 
 
 def mask_factor(config) -> int:
@@ -103,6 +106,8 @@ def kmeans(points: np.ndarray, k: int, seed: int, restarts: int = KMEANS_RESTART
     iterations, the restart with the lowest inertia; deterministic in `seed`."""
     points = np.asarray(points, np.float64)
     n = len(points)
+    norms = np.sum(points ** 2, axis=1)
+    tol = KMEANS_TOL * float(np.mean(np.var(points, axis=0)))
     rng = np.random.default_rng(seed)
     best_labels, best_inertia = None, np.inf
     for _ in range(restarts):
@@ -117,15 +122,20 @@ def kmeans(points: np.ndarray, k: int, seed: int, restarts: int = KMEANS_RESTART
         centers = np.stack(centers)
         labels = None
         for _ in range(max_iter):
-            dist = np.sum((points[:, None, :] - centers[None]) ** 2, axis=-1)  # [N, k]
+            # Squared distances [N, k] as |x|^2 - 2 x.c + |c|^2 (one matrix product).
+            dist = norms[:, None] - 2.0 * points @ centers.T + np.sum(centers ** 2, axis=1)
             new = np.argmin(dist, axis=1)
             if labels is not None and np.array_equal(new, labels):
                 break
             labels = new
-            for j in range(k):
-                members = points[labels == j]
-                if len(members):  # an empty cluster keeps its centre
-                    centers[j] = members.mean(axis=0)
+            counts = np.bincount(labels, minlength=k)
+            sums = np.stack([np.bincount(labels, weights=points[:, d], minlength=k)
+                             for d in range(points.shape[1])], axis=1)
+            filled = counts > 0  # an empty cluster keeps its centre
+            previous = centers.copy()
+            centers[filled] = sums[filled] / counts[filled, None]
+            if np.sum((centers - previous) ** 2) <= tol:  # scikit-learn's stopping rule
+                break
         inertia = float(np.sum((points - centers[labels]) ** 2))
         if inertia < best_inertia:
             best_labels, best_inertia = labels, inertia
@@ -152,7 +162,10 @@ def _positions(h: int, w: int) -> np.ndarray:
 
 # ---- the baselines: name -> (description, fn(images [B,H,W,3], image indices [B]) -> ids) ----
 
-Baseline = tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]
+class Baseline(NamedTuple):
+    description: str
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (images, image indices) -> ids
+    input_independent: bool  # a fixed layout, the same for every image
 
 
 def baselines(num_slots: int, factor: int, image_size: int) -> dict[str, Baseline]:
@@ -164,32 +177,36 @@ def baselines(num_slots: int, factor: int, image_size: int) -> dict[str, Baselin
         return lambda images, index: np.broadcast_to(pixels, images.shape[:3])
 
     out: dict[str, Baseline] = {
-        "one_slot": ("every pixel in one slot", fixed(np.zeros((grid, grid), np.int64))),
-        "stripes_v": (f"{k} vertical stripes", fixed(stripes(grid, k, vertical=True))),
-        "stripes_h": (f"{k} horizontal stripes", fixed(stripes(grid, k, vertical=False))),
+        "one_slot": Baseline("every pixel in one slot",
+                             fixed(np.zeros((grid, grid), np.int64)), True),
+        "stripes_v": Baseline(f"{k} vertical stripes", fixed(stripes(grid, k, vertical=True)),
+                              True),
+        "stripes_h": Baseline(f"{k} horizontal stripes",
+                              fixed(stripes(grid, k, vertical=False)), True),
     }
     grids = [(2, 2)] if k >= 4 else []
     square = near_square_grid(k)
     if square not in grids and square[0] > 1:
         grids.append(square)
     for rows, cols in grids:
-        out[f"grid_{rows}x{cols}"] = (f"{rows}x{cols} blocks" + (" (quadrants)" if
-                                      (rows, cols) == (2, 2) else ""),
-                                      fixed(blocks(grid, rows, cols)))
-    out["kmeans_rgb"] = (f"k-means (k={k}) on pixel colours",
-                         lambda images, index: _kmeans_ids(images, k, index))
+        out[f"grid_{rows}x{cols}"] = Baseline(
+            f"{rows}x{cols} blocks" + (" (quadrants)" if (rows, cols) == (2, 2) else ""),
+            fixed(blocks(grid, rows, cols)), True)
+    out["kmeans_rgb"] = Baseline(f"k-means (k={k}) on pixel colours",
+                                 lambda images, index: _kmeans_ids(images, k, index), False)
 
     def rgb_xy(images, index):
         b, h, w, _ = images.shape
         pos = np.broadcast_to(_positions(h, w), (b, h, w, 2))
         return _kmeans_ids(np.concatenate([images, pos], axis=-1), k, index)
 
-    out["kmeans_rgb_xy"] = (f"k-means (k={k}) on pixel colour and position", rgb_xy)
+    out["kmeans_rgb_xy"] = Baseline(f"k-means (k={k}) on pixel colour and position", rgb_xy,
+                                    False)
     if factor > 1:
-        out["kmeans_rgb_token"] = (
+        out["kmeans_rgb_token"] = Baseline(
             f"k-means (k={k}) on token mean colours ({factor}x{factor} pixels)",
             lambda images, index: upsample(_kmeans_ids(token_means(images, factor), k, index),
-                                           factor))
+                                           factor), False)
     return out
 
 
@@ -245,8 +262,9 @@ def run_baselines(config, batches=None) -> dict:
                 f"{config.data.max_objects} gives ids 0..{mask_ids - 1}: the evaluation would "
                 f"drop those pixels; set config.data.max_objects >= {int(true.max())}")
         index = np.arange(count, count + len(images))
-        for name, (_, fn) in table.items():
-            for metric, values in score_ids(true, fn(images, index), k, mask_ids).items():
+        for name, baseline in table.items():
+            ids = baseline.fn(images, index)
+            for metric, values in score_ids(true, ids, k, mask_ids).items():
                 per_image[name][metric].extend(values.tolist())
         ceiling = np.asarray(token_resolution_ceiling(true, factor, mask_ids), np.float64)
         per_image["token_ceiling"]["fg_ari"].extend(ceiling.tolist())
@@ -255,9 +273,12 @@ def run_baselines(config, batches=None) -> dict:
         raise ValueError("the evaluation split produced no batch")
     out = {}
     for name, values in per_image.items():
-        description = table[name][0] if name in table else \
-            "upper bound: each token to the object covering most of it"
-        entry = {"description": description}
+        if name in table:
+            entry = {"description": table[name].description,
+                     "input_independent": table[name].input_independent}
+        else:
+            entry = {"description": "upper bound: each token to the object covering most of it",
+                     "input_independent": False, "upper_bound": True}
         for metric, v in values.items():
             if v:
                 s = _summary(np.asarray(v))
@@ -275,7 +296,8 @@ def markdown(result: dict) -> str:
              f"{result['num_slots']} slots); ± the standard error over images.", "",
              "| baseline | FG-ARI | ARI | what |", "|---|---|---|---|"]
     for name, b in result["baselines"].items():
-        cells = [f"{b[m]:.3f} ± {b[m + '_se']:.3f}" if m in b else "—" for m in ("fg_ari", "ari")]
+        cells = [f"{b[m] + 0.0:.3f} ± {b[m + '_se']:.3f}".replace("-0.000 ", "0.000 ")
+                 if m in b else "—" for m in ("fg_ari", "ari")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {b['description']} |")
     return "\n".join(lines)
 
