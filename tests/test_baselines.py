@@ -1,4 +1,4 @@
-"""Trivial segmentation baselines: scored as sklearn scores them, right where the answer is known."""
+"""Trivial segmentation baselines: scored as sklearn scores them, right where answers are known."""
 import json
 
 import numpy as np
@@ -32,7 +32,7 @@ def _scenes(n=3, size=8, objects=3, seed=0):
 def test_every_baseline_scores_as_sklearn_on_the_same_masks(num_slots, factor):
     images, true = _scenes()
     table = baselines.baselines(num_slots, factor, image_size=8)
-    for name, (_, fn) in table.items():
+    for name, (_, fn, _) in table.items():
         ids = np.asarray(fn(images, np.arange(len(images))))
         assert ids.shape == true.shape and 0 <= ids.min() and ids.max() < num_slots, name
         scores = baselines.score_ids(true, ids, num_slots, mask_ids=4)
@@ -53,6 +53,8 @@ def test_known_answers_quadrants_stripes_colours_and_one_slot():
     table = baselines.baselines(4, factor, image_size=size)
     assert {"one_slot", "stripes_v", "stripes_h", "grid_2x2", "kmeans_rgb", "kmeans_rgb_xy",
             "kmeans_rgb_token"} == set(table)
+    assert {n for n, b in table.items() if b.input_independent} == {
+        "one_slot", "stripes_v", "stripes_h", "grid_2x2"}
     quadrants = _quadrant_scene(size)[None]
     palette = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], np.float64)
     images = palette[quadrants]
