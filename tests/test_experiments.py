@@ -4,10 +4,24 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
-from fixed_slots.experiments import report, sweep
+from fixed_slots.experiments import baselines, report, sweep
 from helpers import ROOT, load_config
+
+
+def _table(text, header_start="| run |"):
+    """(header cells, rows of cells) of the first markdown table whose header starts so."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split(" | ")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(cells(line))
+    return cells(lines[start]), rows
 
 SWEEPS = sorted(glob.glob(str(ROOT / "configs" / "sweeps" / "*.py")))
 
@@ -38,14 +52,28 @@ def test_tiny_sweep_then_report(tmp_path):
     workdir = tmp_path / "sweep"
     assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", "--seeds=0"]) == 0
     assert (workdir / "vanilla" / "seed_0" / "command.txt").exists()
-    text = report.write_report(str(workdir), str(tmp_path / "report"))
-    table_rows = [l for l in text.splitlines() if l.startswith("| vanilla") or
-                  l.startswith("| implicit")]
-    assert len(table_rows) == 2
-    header = next(l for l in text.splitlines() if l.startswith("| run"))
-    for column in ("final loss", "ari", "fg_ari", "mse_slot_recon"):
+    # The evaluation saved its per-image values, in image order.
+    per_image = json.loads((workdir / "vanilla" / "seed_0" / "eval" / "per_image.json").read_text())
+    metrics = json.loads((workdir / "vanilla" / "seed_0" / "eval" / "metrics.json").read_text())
+    assert len(per_image["fg_ari"]) == metrics["num_images"]
+    assert sum(per_image["fg_ari"]) / metrics["num_images"] == pytest.approx(metrics["fg_ari"])
+    # Baselines on the same scenes, in the sweep dir: the report puts them next to the runs.
+    assert baselines.main(["--config=configs/default.py:tiny", f"--out={workdir}"]) == 0
+    text = report.write_report(str(workdir), str(tmp_path / "report"),
+                               pairs=[("implicit", "vanilla")])
+    header, table_rows = _table(text)
+    assert [r[0] for r in table_rows] == ["implicit", "vanilla"]
+    for column in ("final loss", "ari", "fg_ari", "mse_slot_recon", "fg_ari eval SE"):
         assert column in header
     assert "—" not in table_rows[0]  # every cell filled from the real runs
+    assert "**Main comparison implicit - vanilla on fg_ari** over 1 paired seeds" in text
+    assert "**not decided** (1 seeds cannot reach p < 0.05" in text
+    assert "| grid_2x2 (input-independent" not in text  # 3 slots: no quadrants
+    assert "| stripes_v (input-independent: 3 vertical stripes)" in text
+    assert "WARNING" not in text  # the same scenes (image count and token ceiling agree)
+    seed_header, seed_rows = _table(text, "| run | seed |")
+    assert [r[:3] for r in seed_rows] == [["implicit", "0", "done"], ["vanilla", "0", "done"]]
+    assert " ± " in seed_rows[0][seed_header.index("fg_ari")]  # ± the SE over images
     assert (tmp_path / "report" / "loss.png").exists()
     assert (tmp_path / "report" / "report.md").exists()
     # Finished runs are skipped on a second invocation (resumable sweeps).
@@ -134,9 +162,8 @@ def test_report_table_max_columns_failures_and_versus_plot(tmp_path):
                                tags=("loss", "jacobian_spectral_norm"),
                                names=("vanilla_T3", "vanilla_T7", "implicit_T7"),
                                versus="slot_attention.num_iterations")
-    rows = {l.split(" | ")[0][2:]: l.split(" | ") for l in text.splitlines()
-            if l.startswith("| ") and not l.startswith("| run")}
-    header = next(l for l in text.splitlines() if l.startswith("| run")).split(" | ")
+    header, body = _table(text)
+    rows = {r[0]: r for r in body}
     assert list(rows) == ["vanilla_T3", "vanilla_T7", "implicit_T7"]  # --runs order
     col = {name: header.index(name) for name in
            ("failed", "final loss", "max jacobian_spectral_norm", "fg_ari")}
@@ -182,3 +209,116 @@ def test_sweep_processes_share_a_sweep_through_run_locks(tmp_path, capsys):
     # The stale lock was taken over: the run ran (and failed on its bad key), lock released.
     assert (workdir / "stale" / "seed_0" / "failed.txt").exists()
     assert not (workdir / "stale" / "seed_0" / "sweep.lock").exists()
+
+
+def test_sign_flip_and_paired_t_p_values():
+    # d = (1, 2, 3): only the observed signs reach its mean: p = 1/8.
+    assert report.sign_flip_p([1.0, 2.0, 3.0]) == 1 / 8
+    # d = (1, -1, 2), mean 2/3: sums >= 2 for (+,+,+), (+,-,+), (-,+,+): p = 3/8.
+    assert report.sign_flip_p([1.0, -1.0, 2.0]) == 3 / 8
+    # Lower is better (direction -1): the same differences are evidence against.
+    assert report.sign_flip_p([1.0, 2.0, 3.0], direction=-1) == 1.0
+    assert report.sign_flip_p([0.1] * 6) == 1 / 64  # the floor of 6 seeds: 2^-6
+    from scipy import stats
+
+    a, b = np.array([0.5, 0.6, 0.55, 0.7]), np.array([0.45, 0.5, 0.56, 0.6])
+    assert report.paired_t_p(a - b) == pytest.approx(
+        stats.ttest_rel(a, b, alternative="greater").pvalue)
+    assert report.paired_t_p(b - a, direction=-1) == pytest.approx(report.paired_t_p(a - b))
+    assert report.paired_t_p([0.1]) is None
+
+
+def _per_image_run(root, name, seed, fg_ari, mse, images, failed=None):
+    _fake_run(root, name, seed, {}, losses=[3.0, 2.0], norms=[1.0, 1.0],
+              metrics=None if failed else {"fg_ari": float(np.mean(images)), "mse_slot_recon": mse,
+                                           "num_images": len(images),
+                                           "fg_ari_token_ceiling": 0.9},
+              failed=failed)
+    if not failed:
+        (root / name / f"seed_{seed}" / "eval" / "per_image.json").write_text(
+            json.dumps({"fg_ari": list(images)}))
+
+
+def test_paired_comparison_verdict_and_baselines(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in range(6):
+        base = np.linspace(0.1, 0.3, 8) + 0.01 * seed  # vanilla's FG-ARI 0.2 + 0.01 seed
+        _per_image_run(root, "vanilla", seed, None, 100.0 + seed, base)
+        # IN better by 0.1 on every image, and lower MSE at every seed but one.
+        _per_image_run(root, "IN", seed, None, 90.0 + seed + (20.0 if seed == 5 else 0.0),
+                       base + 0.1)
+    _per_image_run(root, "IB", 0, None, 95.0, np.full(8, 0.7))
+    _per_image_run(root, "IB", 1, None, 0, [], failed="exit code 1: boom\n")
+    runs = report.collect(str(root))
+    c = report.paired_comparison(runs, "IN", "vanilla", "fg_ari")
+    assert c["seeds"] == list(range(6)) and c["better"] == 6
+    assert c["mean"] == pytest.approx(0.1) and c["p_sign_flip"] == 1 / 64
+    assert c["eval_se"] == pytest.approx(0.0, abs=1e-9)  # the same images, shifted by 0.1
+    m = report.paired_comparison(runs, "IN", "vanilla", "mse_slot_recon")
+    assert m["direction"] == -1 and m["better"] == 5  # lower MSE is better
+    assert m["differences"] == pytest.approx([-10, -10, -10, -10, -10, 10])
+    # Only the seeds both finished pair up (IB: seed 0 only; seed 1 failed).
+    assert report.paired_comparison(runs, "IB", "vanilla", "fg_ari")["seeds"] == [0]
+    text = report.write_report(str(root), str(tmp_path / "out"), tags=("loss",),
+                               pairs=report.parse_pairs("IN-vanilla,IB-vanilla"))
+    assert "**Main comparison IN - vanilla on fg_ari** over 6 paired seeds" in text
+    assert "**decided** (IN higher than vanilla, p < 0.05)" in text
+    _, rows = _table(text, "| A - B |")
+    assert [r[:2] for r in rows] == [["IN - vanilla", "fg_ari"], ["IN - vanilla", "mse_slot_recon"],
+                                     ["IN - vanilla", "loss"], ["IB - vanilla", "fg_ari"],
+                                     ["IB - vanilla", "mse_slot_recon"], ["IB - vanilla", "loss"]]
+    assert rows[1][7] == "5/6"
+    # Three seeds can never decide: the report says so and why.
+    short = report.write_report(str(root), str(tmp_path / "out3"), tags=("loss",),
+                                names=("IN", "vanilla"), pairs=[("IN", "vanilla")])
+    assert "**decided**" in short  # still 6 seeds
+    three = report.verdict(dict(c, seeds=[0, 1, 2], p_sign_flip=1 / 8), "IN", "vanilla", "fg_ari")
+    assert "**not decided** (3 seeds cannot reach p < 0.05 (the smallest exact p is 2^-3" in three
+    with pytest.raises(FileNotFoundError, match="BB"):
+        report.write_report(str(root), str(tmp_path / "x"), pairs=[("BB", "vanilla")])
+    with pytest.raises(ValueError):
+        report.parse_pairs("IN")
+    # Baselines next to the runs; a baseline file from other scenes is flagged.
+    result = {"num_images": 8, "num_slots": 4, "baselines": {
+        "grid_2x2": {"description": "2x2 blocks", "input_independent": True, "fg_ari": 0.3,
+                     "fg_ari_se": 0.02, "ari": 0.1, "ari_se": 0.01},
+        "kmeans_rgb": {"description": "k-means", "input_independent": False, "fg_ari": 0.6,
+                       "fg_ari_se": 0.02},
+        "token_ceiling": {"description": "bound", "upper_bound": True, "fg_ari": 0.9,
+                          "fg_ari_se": 0.01}}}
+    (root / "baselines.json").write_text(json.dumps(result))
+    text = report.write_report(str(root), str(tmp_path / "out4"), tags=("loss",))
+    assert "| grid_2x2 (input-independent: 2x2 blocks) | 0.3 ± 0.02 | 0.1 ± 0.01 |" in text
+    assert "above the best input-independent baseline (grid_2x2, 0.300): IB, IN." in text
+    assert "above the best baseline (kmeans_rgb, 0.600): IB." in text
+    assert "WARNING" not in text
+    result["baselines"]["token_ceiling"]["fg_ari"] = 0.8
+    (root / "baselines.json").write_text(json.dumps(result))
+    text = report.write_report(str(root), str(tmp_path / "out5"), tags=("loss",))
+    assert "WARNING: IB seed 0: token ceiling 0.9000 != the baselines' 0.8000" in text
+
+
+def test_study_clevr_mirror_config_is_the_papers_64x64_experiment_and_its_arms():
+    from fixed_slots.train.trainer import check_config
+
+    config = load_config("study_clevr_mirror")
+    assert (config.data.name, config.data.image_size) == ("clevr_mirror", 64)
+    assert (config.slot_attention.num_slots, config.slot_attention.num_iterations) == (7, 7)
+    assert config.data.max_objects == 6  # mask ids 0..6: none dropped from FG-ARI
+    assert (config.optim.clip, config.optim.clip_value) == ("inf_norm", 1.0)
+    assert config.optim.use_warmup and config.optim.warmup_steps > 0
+    assert (config.slate.d_model, config.slate.num_decoder_blocks, config.train.batch_size) == (
+        64, 2, 16)
+    # The whole validation split (455 scenes) is evaluated: 13 batches of 35.
+    assert (config.eval.batch_size, config.eval.num_batches) == (35, 0)
+    assert load_config("slate_clevr").data.max_objects == 6
+    tiny = load_config("study_clevr_mirror:tiny")
+    tiny.train.num_devices = 1
+    check_config(tiny)
+    module = sweep.load_sweep(str(ROOT / "configs" / "sweeps" / "study_clevr_mirror.py"))
+    runs = dict(module.get_runs())
+    assert set(runs) == {"vanilla", "vanilla_T8", "IN", "IB", "BN", "BB"}
+    assert runs["vanilla_T8"] == {"grad": "unroll", "slot_attention.num_iterations": 8}
+    assert all(r["slot_attention.num_iterations"] == 7
+               for name, r in runs.items() if name != "vanilla_T8")
+    assert dict(sweep.load_sweep(str(ROOT / "configs" / "sweeps" / "table2.py")).get_runs()) == runs
