@@ -3,7 +3,7 @@
 SLATE at 64x64 (16x16 dVAE tokens of 4x4 pixels) on CLEVR-Mirror scenes of 3-6 objects, 7 slots,
 the paper's T=7; the small SLATE of configs/study_synthetic.py (64-d, 2 decoder blocks, vocab 64),
 batch 16, the default's learning rates with the official inf-norm clipping (1.0) and warmup,
-2000 steps, evaluated on the whole validation split (455 scenes). The sweep
+800 steps, evaluated on the whole validation split (455 scenes). The sweep
 configs/sweeps/study_clevr_mirror.py runs vanilla (`unroll`, T=7 and T=8), IN, IB, BN, BB.
 
 Data (built once; records `image`, `mask` 0 = background incl. the mirror, 1..k objects):
@@ -27,12 +27,12 @@ PNG decoding (~1-2 ms an image) on the same 2 cores: an estimate, not an idle me
 Per run on top of the steps, ~150 s: compilation (~40-60 s idle), 10 Jacobian spectral norms,
 2 checkpoints, and the evaluation of 455 scenes with autoregressive decoding (41 s of CPU
 under load 22).
-  Budget: 5 h = 18,000 s for 6 arms x 3 seeds + 3 more seeds of vanilla and IN = 24 runs,
-  750 s a run: (750 s - 150 s) / 0.30 s a step = 2000 steps (32k images, 15 epochs of the 2123
-  training scenes). At 0.25-0.35 s a step the 24 runs take 4.3-5.7 h.
-If the first run's progress line on the idle machine reads far from 3.3 steps/s (0.30 s a
-step), the arithmetic is off: num_steps = (750 - 150) / (seconds a step), set with
---set=train.num_steps=N on every sweep command (all arms must share it).
+  The plan was 2000 steps for 24 runs (5 h). The runs of record (docs/results.md) had 2 h of
+the machine, shared with the test suite, so they are 800 steps (12.8k images, 6 epochs of the
+2123 training scenes), with the temperature annealed over 600 steps and a 200-step warmup:
+an early-training comparison, not the paper's 250k steps. For longer runs pass
+--set=train.num_steps=N (and slate.tau_steps, optim.warmup_steps in proportion) on every sweep
+command: all arms must share it.
 """
 from configs import common
 
@@ -53,7 +53,7 @@ def get_config(variant: str | None = None):
     config.slate.num_decoder_blocks = 2
     config.slate.num_decoder_heads = 4
     config.slate.dvae_hidden = 32
-    config.slate.tau_steps = 1_500
+    config.slate.tau_steps = 600
 
     config.slot_attention.num_slots = 7
     config.slot_attention.num_iterations = 7  # the paper's T
@@ -62,18 +62,18 @@ def get_config(variant: str | None = None):
 
     # The default run's rates with the official gradient clipping (inf-norm 1.0, slate_base's)
     # and a linear warmup.
-    config.optim.warmup_steps = 300
+    config.optim.warmup_steps = 200
     config.optim.dvae_lr = 1e-3
     config.optim.main_lr = 6e-4
     config.optim.decay = "none"
 
     config.train.batch_size = 16
-    config.train.num_steps = 2_000  # the arithmetic above
+    config.train.num_steps = 800  # the time there was (docstring)
     config.train.log_every_steps = 25
-    config.train.image_every_steps = 1_000
-    config.train.jacobian_every_steps = 200
-    config.train.checkpoint_every_steps = 1_000
-    config.train.eval_every_steps = 1_000  # FG-ARI halfway (no decoding), and the full one at 2000
+    config.train.image_every_steps = 400
+    config.train.jacobian_every_steps = 100
+    config.train.checkpoint_every_steps = 400
+    config.train.eval_every_steps = 400  # FG-ARI halfway (no decoding), and the full one at 800
     # The whole validation split: 455 scenes = 13 batches of 35 (the evaluation's standard error
     # over images is then ~half of what 128 images give).
     config.eval.batch_size = 35

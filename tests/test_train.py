@@ -316,3 +316,24 @@ def test_the_console_says_when_it_compiles_and_how_long_it_took(tmp_path, caplog
     compiled = [i for i, m in enumerate(messages) if m.startswith("Compiled the train step")]
     assert compiling and compiled and compiling[0] < compiled[0]
     assert " s." in messages[compiled[0]]
+
+
+@pytest.mark.parametrize("name", ["default:tiny", "slot_autoencoder_synthetic:tiny",
+                                  "set_prediction_synthetic:tiny"])
+def test_slot_attention_grad_norm_covers_exactly_the_slot_attention_params(name):
+    """Fig. 1b/5's gradient norm: every model's SlotAttention parameters, and nothing else."""
+    from flax import nnx
+
+    from fixed_slots import models
+    from fixed_slots.modules.slot_attention import SlotAttention
+    from fixed_slots.train.train_step import slot_attention_leaves, split_params
+
+    model = models.create(load_config(name), rngs=nnx.Rngs(0))
+    found = [m for _, m in nnx.iter_modules(model) if isinstance(m, SlotAttention)]
+    assert len(found) == 1
+    expected = jax.tree.leaves(nnx.state(found[0], nnx.Param))
+    _, params = split_params(model)
+    selected = slot_attention_leaves(params)
+    assert len(selected) == len(expected) > 0
+    assert sorted(x.size for x in selected) == sorted(x.size for x in expected)
+    assert sum(x.size for x in selected) < sum(x.size for x in jax.tree.leaves(params))

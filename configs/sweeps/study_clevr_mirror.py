@@ -11,14 +11,14 @@ The main comparison is IN vs vanilla (6 seeds); the other arms have 3 seeds.
   python -m fixed_slots.data_prep build clevr_mirror --source=/work/shared/data/clevr_mirror --data_dir=$DATA
   python -m fixed_slots.experiments.baselines --config=configs/study_clevr_mirror.py \\
       --set=data.data_dir=$DATA --out=$W
-  # the main comparison first (12 runs, ~2.5 h), then the other arms (12 runs, ~2.5 h)
+  # the main comparison first, then the other arms (the runs of record: docs/results.md)
   python -m fixed_slots.experiments.sweep --sweep=configs/sweeps/study_clevr_mirror.py \\
       --workdir=$W --seeds=0,1,2,3,4,5 --only=vanilla,IN --set=data.data_dir=$DATA
   python -m fixed_slots.experiments.sweep --sweep=configs/sweeps/study_clevr_mirror.py \\
       --workdir=$W --seeds=0,1,2 --only=vanilla_T8,BN,BB,IB --set=data.data_dir=$DATA
   python -m fixed_slots.experiments.report --sweep_dir=$W --out=$W/report \\
       --paired=IN-vanilla,IN-vanilla_T8,BN-vanilla,BB-vanilla,IB-vanilla \\
-      --tags=cross_entropy,loss,grad_norm,jacobian_spectral_norm,slot_residual
+      --tags=cross_entropy,loss,grad_norm,slot_attention_grad_norm,jacobian_spectral_norm,slot_residual
 
 The report states whether IN - vanilla on FG-ARI is decided (one-sided exact sign-flip test
 over the 6 paired seeds, p < 0.05; 3 seeds could never reach it: 2^-3 = 0.125) and puts the

@@ -49,9 +49,10 @@ import numpy as np
 
 from fixed_slots.experiments.events import read_scalars
 
-DEFAULT_TAGS = ("loss", "grad_norm", "jacobian_spectral_norm", "slot_residual")
+DEFAULT_TAGS = ("loss", "grad_norm", "slot_attention_grad_norm", "jacobian_spectral_norm",
+                "slot_residual")
 # Tags whose largest value during training is reported too (the paper's growth of the norms).
-MAX_TAGS = ("grad_norm", "jacobian_spectral_norm")
+MAX_TAGS = ("grad_norm", "slot_attention_grad_norm", "jacobian_spectral_norm")
 VERSUS_METRICS = ("loss", "mse_slot_recon", "fg_ari")
 _NON_FINITE = re.compile(r"non-finite loss or gradient at step (\d+)")
 # Metrics whose evaluation noise (standard error over images) the table shows.
@@ -435,7 +436,7 @@ def plot(runs: dict[str, list[dict]], tag: str, path: str) -> bool:
     if drawn:
         ax.set_xlabel("step")
         ax.set_ylabel(tag)
-        if tag in ("loss", "grad_norm", "jacobian_spectral_norm"):
+        if tag in ("loss", *MAX_TAGS):
             ax.set_yscale("log")
         ax.legend(fontsize=8)
         fig.tight_layout()

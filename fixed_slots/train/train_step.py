@@ -88,9 +88,19 @@ def adjoint_metrics(probe_cotangent: jax.Array) -> dict[str, jax.Array]:
             "adjoint_steps": jnp.mean(steps), "adjoint_failed": jnp.mean(failed)}
 
 
+def slot_attention_leaves(grads: Any) -> list[jax.Array]:
+    """The leaves under a module attribute named `slot_attention` (every model of ours holds its
+    SlotAttention there): the paper's Fig. 1b/5 tracks this gradient's norm on its own, as the
+    one that grows without bound under backpropagation through the iterations."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    return [leaf for path, leaf in flat
+            if any(getattr(k, "key", getattr(k, "name", None)) == "slot_attention" for k in path)]
+
+
 def step_metrics(model_class: type, adjoint_stats: bool) -> type[aggregation.Collection]:
     """The collection a train step returns: the model's, the gradient norm, the adjoint's."""
-    extra = {"grad_norm": aggregation.average("grad_norm")}
+    extra = {"grad_norm": aggregation.average("grad_norm"),
+             "slot_attention_grad_norm": aggregation.average("slot_attention_grad_norm")}
     if adjoint_stats:
         extra.update(ADJOINT_METRICS)
     return aggregation.extend(model_class.train_metrics, **extra)
@@ -127,6 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                        **update_args(decay, state, loss))
         grad_norm = global_norm(grads)
+        slot_attention_grad_norm = global_norm(slot_attention_leaves(grads))
         new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
         # The updated params too: a finite gradient times a huge rate can overflow them (the
         # max |p| is finite exactly when every entry is; a sum of squares could overflow).
@@ -141,7 +152,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                               state.first_bad_step)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                                   first_bad_step=first_bad)
-        return new_state, metrics.single_from_model_output(**values, grad_norm=grad_norm)
+        return new_state, metrics.single_from_model_output(
+            **values, grad_norm=grad_norm, slot_attention_grad_norm=slot_attention_grad_norm)
 
     return train_step
 

@@ -71,6 +71,9 @@ class Stream(enum.IntEnum):
 # metrics are described by the model (`metric_descriptions`).
 DESCRIPTIONS = {
     "grad_norm": "L2 norm of the whole gradient before clipping.",
+    "slot_attention_grad_norm": "L2 norm of the slot-attention parameters' own gradient before "
+                                "clipping (the paper's Fig. 1b / 5: it grows under "
+                                "backpropagation through the iterations).",
     "steps_per_second": "Training speed between this point and the previous ones (the "
                         "console's figure at the same step).",
     "jacobian_spectral_norm": "Largest singular value of d(slot update)/d(slots) at the "
