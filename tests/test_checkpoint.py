@@ -78,17 +78,6 @@ def test_keep_n_interval_and_step_order(tmp_path):
         assert step == 7 and int(restored["step"]) == 7 and rng is None
 
 
-def test_asynchronous_save_round_trip(tmp_path):
-    ckpt = Checkpointer(tmp_path, asynchronous=True)
-    ckpt.save(1, state_pytree=make_state(1), rng=jax.random.key(1), data_state=b"x")
-    ckpt.wait_until_finished()
-    assert saved_steps(tmp_path) == [1]
-    step, restored, _, data_state = ckpt.restore_latest(make_state())
-    assert step == 1 and data_state == b"x"
-    assert_trees_equal(restored, make_state(1))
-    ckpt.close()
-
-
 def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
     files = [p for p in (step_dir / "state").rglob("d/*") if p.is_file()]
     assert files, "orbax layout changed: no array data files found"

@@ -199,11 +199,10 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1, asynchronous: bool = False):
-        """`max_to_keep=None` keeps every step; `asynchronous=True` returns from `save` once the
-        arrays are on the host and finishes writing in the background (`wait_until_finished`)."""
+                 save_interval_steps: int = 1):
+        """`max_to_keep=None` keeps every step. Saves are synchronous: `save` returns once the
+        step is finalised on disk."""
         self.directory = os.path.abspath(os.fspath(directory))
-        self.asynchronous = asynchronous
         # Due every save_interval_steps (or at a multi-host preemption sync point); unlike
         # orbax's default policy, not also "the first step of an empty directory".
         policy = ocp.checkpoint_managers.AnySavePolicy([
@@ -211,7 +210,7 @@ class Checkpointer:
             ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_decision_policy=policy, create=True,
-            enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
+            enable_async_checkpointing=False, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=(_STATE, _META))
 
@@ -249,8 +248,7 @@ class Checkpointer:
         saved = self._manager.save(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(state_pytree), _META: ocp.args.JsonSave(meta)}),
             force=True)
-        if not self.asynchronous:
-            self._manager.wait_until_finished()
+        self._manager.wait_until_finished()  # finalised (renamed) before `save` returns
         return saved
 
     def _restore_step(self, step: int, abstract: Any):
@@ -273,7 +271,6 @@ class Checkpointer:
         jax.ShapeDtypeStruct leaves; restored arrays take their shardings. Raises
         CheckpointRestoreError if checkpoints exist and none restores.
         """
-        self.wait_until_finished()
         self._manager.reload()  # the directory may have changed since this object opened it
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
@@ -324,10 +321,6 @@ class Checkpointer:
                 os.rename(path, target)
         ocp.multihost.sync_global_processes("fixed_slots_checkpoint_set_aside_done")
         self._manager.reload()
-
-    def wait_until_finished(self) -> None:
-        """Blocks until an asynchronous save is finalised (a no-op for synchronous saves)."""
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()

@@ -297,7 +297,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, config_flat: dict,
     finally:
         progress.close()
         stop.restore()
-        checkpointer.wait_until_finished()
         checkpointer.close()
         writer.flush()
         writer.close()
