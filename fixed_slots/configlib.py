@@ -384,7 +384,7 @@ _POSITIVE_INTS = (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
 
 # Every numeric key whose sign or range is fixed (keys a config does not have are skipped).
 RANGES = {
-    "seed": _NON_NEGATIVE_INT,
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "slot_attention.num_slots": _POSITIVE_INT,
     "slot_attention.num_iterations": _POSITIVE_INT,
     "slot_attention.eval_num_iterations": (
@@ -401,6 +401,7 @@ RANGES = {
     "slot_attention.fixed_point.adjoint_max_iter": _OPTIONAL_POSITIVE_INT,
     "slot_attention.fixed_point.adjoint_tol": _OPTIONAL_POSITIVE,
     "data.image_size": _POSITIVE_INT,
+    "data.seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "optim.dvae_lr": _POSITIVE,
     "optim.main_lr": _POSITIVE,
     "optim.warmup_steps": _NON_NEGATIVE_INT,

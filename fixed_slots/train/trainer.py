@@ -29,9 +29,11 @@ from fixed_slots.train.plateau import ValidationPlateau
 from fixed_slots.train.state import TrainState, build, model_from_params, with_lr_scale
 from fixed_slots.train.workdir import (
     WorkdirLock,
+    check_workdir,
     config_differences,
     config_record,
     refuse_changed_config,
+    saved_config,
 )
 from fixed_slots.train.writers import ProgressLine, create_writer
 
@@ -148,9 +150,10 @@ def _saved_config(checkpointer: Checkpointer) -> dict | None:
     """The config record of the newest checkpoint whose metadata reads, or None."""
     for step in reversed(checkpointer.all_steps()):
         try:
-            return checkpointer.read_metadata(step).get("config")
+            metadata = checkpointer.read_metadata(step)
         except Exception:  # an unreadable step: restore_latest reports and skips it
             continue
+        return saved_config(metadata, step, checkpointer.directory)  # no config: refused
     return None
 
 
@@ -185,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if unknown:
         raise ConfigError(f"--accept_config_change names unknown config keys: "
                           f"{', '.join(unknown)}")
+    check_workdir(workdir)  # on every process, before anything is written
     # The data first: a missing dataset fails in seconds, before any model is built and before
     # the workdir is created.
     loader = make_loader(config, "train", global_batch_size=config.train.batch_size,
