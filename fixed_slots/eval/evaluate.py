@@ -67,7 +67,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     In a multi-process job each process reads its rows of every global batch (the batches one
     process would read), the model runs on the global arrays, and process 0 writes the files.
     """
-    sharding.maybe_initialize_distributed()  # before validate, which counts devices
+    sharding.maybe_initialize_distributed(config)  # before validate, which counts devices
     configlib.validate(config)
     _check_inception_weights(config)  # before any work
     graphdef, params, step = restore_params(config, workdir)

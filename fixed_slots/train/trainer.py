@@ -181,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     # Before anything touches a device (validate counts devices): jax.distributed.initialize
     # refuses to run once the backend exists.
-    sharding.maybe_initialize_distributed()
+    sharding.maybe_initialize_distributed(config)  # and every process has this config
     configlib.validate(config)
     config_flat = config_record(config)
     unknown = [k for k in accept_config_change if k not in config_flat]
