@@ -184,10 +184,13 @@ def test_the_file_system_root_as_workdir_is_refused_and_nothing_written():
 def test_a_file_as_workdir_is_refused_and_nothing_written(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("keep me")
-    for workdir in (path, path / "run"):
-        _assert_user_error(_main([*TINY, f"--workdir={workdir}"]), "which is a file"
-                           if workdir != path else "is a file, not a directory")
-    assert path.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [path]
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for workdir, needle in ((path, "notes.txt is a file: "),
+                            (path / "run", "is under {path}, which is a file"),
+                            (dangling, "gone is not a directory")):
+        _assert_user_error(_main([*TINY, f"--workdir={workdir}"]), needle.format(path=path))
+    assert path.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [dangling, path]
 
 
 def _read_only(path: pathlib.Path):

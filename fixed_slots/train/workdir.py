@@ -59,12 +59,13 @@ def check_workdir(workdir: str) -> str:
         raise WorkdirError(f"--workdir={workdir} is the file system root: give the run a "
                            f"directory of its own, e.g. --workdir=/tmp/run")
     existing = path
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):  # (a dangling link exists, and is no directory)
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"is under {existing}, which is a file"
-        raise WorkdirError(f"--workdir={workdir} {where}, not a directory: give the run a "
-                           f"directory (it is created if missing)")
+        kind = "a file" if os.path.isfile(existing) else "not a directory"
+        where = f"is {kind}" if existing == path else f"is under {existing}, which is {kind}"
+        raise WorkdirError(f"--workdir={workdir} {where}: give the run a directory (it is "
+                           f"created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
         where = ("" if existing == path else
                  f" (it does not exist and its parent {existing} is not writable)")
