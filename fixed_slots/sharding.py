@@ -143,8 +143,6 @@ _timeouts = {"heartbeat": _JAX_HEARTBEAT_TIMEOUT_S,
 def _job() -> tuple[Any, int, int] | None:
     """(key-value store client, process index, process count) of a multi-process job this
     process joined, or None; touches no device (the backend may not exist yet)."""
-    if "jax" not in sys.modules:
-        return None
     from jax._src import distributed  # the client orbax and multihost_utils use too
 
     state = distributed.global_state
