@@ -6,6 +6,10 @@ value absl or ml_collections cannot parse, and any `fixed_slots.errors.UserError
 running end the process with `error: ...` on stderr and exit code 2; other exceptions are our bugs
 and keep their tracebacks.
 
+In a multi-process job a process that ends with an error (a user error, a bug, a second signal)
+leaves through `fixed_slots.sharding.leave_job_after_error`, so the others stop within the
+heartbeat timeout instead of hanging in JAX's shutdown barrier.
+
 Console: third-party libraries log through absl at INFO (orbax prints ~40 lines per checkpoint),
 and XLA through its C++ logger; unless `--verbosity` (absl's flag, `-v`) is given, absl's
 threshold is WARNING, XLA's C++ lines are off (TF_CPP_MIN_LOG_LEVEL=3, unless set), and only our
@@ -17,6 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from fixed_slots.errors import UserError
@@ -24,8 +29,17 @@ from fixed_slots.errors import UserError
 EXIT_USER_ERROR = 2
 
 
+def _leave_job(code: int) -> None:
+    """Before exiting with `code`: a process of a multi-process job may have to leave at once."""
+    if "jax" in sys.modules:  # no jax, no job
+        from fixed_slots import sharding
+
+        sharding.leave_job_after_error(code)
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    _leave_job(EXIT_USER_ERROR)
     sys.exit(EXIT_USER_ERROR)
 
 
@@ -170,6 +184,12 @@ def run(main: Callable[[list[str]], None], default_config: str = "configs/defaul
             _fail(str(e))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
+            _leave_job(130)
             sys.exit(130)
+        except Exception:  # our bug: its traceback, then out of the job like any error
+            traceback.print_exc()
+            sys.stderr.flush()
+            _leave_job(1)
+            sys.exit(1)
 
     app.run(guarded, flags_parser=_parse_flags)

@@ -17,6 +17,15 @@ is touched. It reads, in this order (docs/multihost.md has the launch recipes):
 
 With none of these set nothing happens (one process, all local devices). On the CPU, collectives
 between processes go through gloo.
+
+Given the config, `maybe_initialize_distributed(config)` also checks that every process runs the
+same one: each publishes its config record (what checkpoints store) in the job's key-value store,
+and a difference fails every process alike with one ConfigError naming the keys that differ.
+
+A process of a job that ends with an error calls `leave_job_after_error(code)` (main.py's CLI
+does): if every process is failing it exits normally; otherwise it exits at once instead of waiting
+in JAX's shutdown barrier (up to 5 minutes) for peers that are themselves waiting in a collective
+for it, so they are stopped by JAX's coordination service within the heartbeat timeout.
 """
 from __future__ import annotations
 
@@ -24,6 +33,8 @@ import hashlib
 import inspect
 import json
 import os
+import sys
+import time
 from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 import jax
@@ -122,17 +133,48 @@ def distributed_arguments(environ: Mapping[str, str] | None = None) -> dict[str,
     return {k: v for k, v in args.items() if v is not None}
 
 
-def maybe_initialize_distributed() -> bool:
+# JAX's defaults for the timeouts FIXED_SLOTS_* may set (jax.distributed.initialize).
+_JAX_HEARTBEAT_TIMEOUT_S = 100
+_JAX_INITIALIZATION_TIMEOUT_S = 300
+_timeouts = {"heartbeat": _JAX_HEARTBEAT_TIMEOUT_S,
+             "initialization": _JAX_INITIALIZATION_TIMEOUT_S}
+
+
+def _job() -> tuple[Any, int, int] | None:
+    """(key-value store client, process index, process count) of a multi-process job this
+    process joined, or None; touches no device (the backend may not exist yet)."""
+    from jax._src import distributed  # the client orbax and multihost_utils use too
+
+    state = distributed.global_state
+    client = getattr(state, "client", None)
+    count = getattr(state, "num_processes", None) or 1
+    if client is None or count < 2:
+        return None
+    return client, int(state.process_id), int(count)
+
+
+def maybe_initialize_distributed(config: Any = None) -> bool:
     """Joins a multi-process job when the environment describes one; returns whether it is one.
 
     Call before anything touches a device (jax.devices(), jax.device_count(), a computation).
-    Calling it again, or after the job was joined some other way, is a no-op.
+    Calling it again, or after the job was joined some other way, is a no-op, except that a
+    given `config` is checked to be the same on every process (`check_same_config`).
     """
+    joined = _maybe_initialize()
+    if joined and config is not None:
+        check_same_config(config)
+    return joined
+
+
+def _maybe_initialize() -> bool:
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     args = distributed_arguments()
     if args is None:
         return False
+    _timeouts["heartbeat"] = args.get("heartbeat_timeout_seconds", _JAX_HEARTBEAT_TIMEOUT_S)
+    _timeouts["initialization"] = args.get("initialization_timeout",
+                                           _JAX_INITIALIZATION_TIMEOUT_S)
     try:
         # Collectives between CPU processes (tests, CPU clusters); accelerators use their own.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -149,6 +191,85 @@ def maybe_initialize_distributed() -> bool:
     log.info("Process %d of %d; %d local of %d global devices.", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
+
+
+_config_checks: list[str] = []  # fingerprints this process has checked, in order
+
+
+def check_same_config(config: Any) -> None:
+    """Raises ConfigError on every process of the job if their configs differ (a no-op in one
+    process): the flattened configs (`configlib.flatten`, values as JSON) go through the job's key-value store, no device is touched, and the message names the keys in
+    which the first differing process differs from process 0."""
+    job = _job()
+    if job is None:
+        return
+    from fixed_slots import configlib  # imports only errors: below this module
+
+    client, index, count = job
+    text = json.dumps(configlib.flatten(config), sort_keys=True, default=repr)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if fingerprint in _config_checks:  # this process checked this config already
+        return
+    prefix = f"fixed_slots/config_check/{len(_config_checks)}"
+    _config_checks.append(fingerprint)
+    client.key_value_set(f"{prefix}/fingerprint/{index}", fingerprint)
+    client.key_value_set(f"{prefix}/record/{index}", text)
+    timeout_ms = 1000 * _timeouts["initialization"]
+    fingerprints = [client.blocking_key_value_get(f"{prefix}/fingerprint/{i}", timeout_ms)
+                    for i in range(count)]
+    others = [i for i in range(count) if fingerprints[i] != fingerprints[0]]
+    if not others:
+        return
+    first, other = (json.loads(client.blocking_key_value_get(f"{prefix}/record/{i}", timeout_ms))
+                    for i in (0, others[0]))
+    missing = object()
+    keys = [k for k in sorted(set(first) | set(other))
+            if first.get(k, missing) != other.get(k, missing)]
+    shown = "; ".join(f"{k}: {first.get(k, '(none)')!r} on process 0, "
+                      f"{other.get(k, '(none)')!r} on process {others[0]}" for k in keys[:4])
+    more = f" (and {len(keys) - 4} more keys)" if len(keys) > 4 else ""
+    processes = f"process {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1
+                                          else "")
+    verb = "differs" if len(others) == 1 else "differ"
+    raise ConfigError(f"the processes of this job do not share one config: {processes} "
+                      f"{verb} from process 0 in {shown}{more}. Every process must run the same "
+                      f"command with the same --config flags.")
+
+
+# How long a failing process waits for the others to fail too (the same error everywhere) before
+# it leaves the job at once: at most this, and at most half the heartbeat timeout.
+_PEERS_FAILING_WAIT_S = 10.0
+
+
+def leave_job_after_error(code: int) -> None:
+    """Called when this process of a multi-process job ends with an error (exit `code`).
+
+    Returns (the caller exits normally, through JAX's shutdown barrier) when every process of
+    the job is leaving after an error; else, after waiting up to min(10 s, half the heartbeat
+    timeout) for that, ends this process at once with `code`: the others, waiting for it in a
+    collective, are stopped by JAX's coordination service at once (this is process 0, the
+    coordinator) or within the heartbeat timeout, instead of after JAX's 5-minute shutdown
+    barrier. A no-op outside a multi-process job.
+    """
+    job = _job()
+    if job is None:
+        return
+    client, index, count = job
+    wait = min(_PEERS_FAILING_WAIT_S, _timeouts["heartbeat"] / 2)
+    try:
+        client.key_value_set(f"fixed_slots/failed/{index}", str(code), allow_overwrite=True)
+        deadline = time.monotonic() + wait
+        while len(client.key_value_dir_get("fixed_slots/failed/")) < count:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return  # every process is leaving: the shutdown barrier passes at once
+    except Exception:  # the coordinator is gone: no barrier to wait in
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def reached_preemption_sync_point(step: int) -> bool:

@@ -166,6 +166,7 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | str | None = None
     """
     sharding.maybe_initialize_distributed()  # before the checks, which count devices
     config = resolve_config(workdir, config, overrides)
+    sharding.maybe_initialize_distributed(config)  # every process evaluates this config
     check_config(config)  # before any work
     graphdef, params, step = restore_params(config, workdir)
     evaluation.check_params_finite(params, step, checkpoint_dir(workdir))

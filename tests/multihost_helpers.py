@@ -65,9 +65,11 @@ class Job:
 
     def __init__(self, num_processes: int, args: list[str], *, log_dir: Path,
                  devices_per_process: int = 2, env: dict[str, str] | None = None,
-                 name: str = "job"):
+                 name: str = "job", process_args: dict[int, list[str]] | None = None):
+        """`process_args`: extra arguments of some processes (a job whose processes disagree)."""
         self.num_processes = num_processes
         self.args = list(args)
+        self.process_args = dict(process_args or {})
         self.devices = devices_per_process
         self.extra_env = dict(env or {})
         self.log_paths = [Path(log_dir) / f"{name}.process{i}.log" for i in range(num_processes)]
@@ -79,7 +81,8 @@ class Job:
         for i, path in enumerate(self.log_paths):
             with open(path, "wb") as log:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "main.py", *self.args], cwd=ROOT, stdout=log,
+                    [sys.executable, "main.py", *self.args, *self.process_args.get(i, [])],
+                    cwd=ROOT, stdout=log,
                     stderr=subprocess.STDOUT,
                     env=process_env(i, self.num_processes, port, self.devices, self.extra_env)))
         return self
@@ -120,7 +123,7 @@ class Job:
             match = regex.search(self.log(process))
             if match:
                 return match
-            if self.procs[process].poll() is not None:
+            if self.poll()[process] is not None:  # (poll records exit times)
                 self.kill_all()
                 raise AssertionError(f"process {process} exited before printing {pattern!r}."
                                      f"\n{self.tails()}")

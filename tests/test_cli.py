@@ -49,6 +49,8 @@ def _assert_user_error(result, *needles):
     (["--config.slate.dropout=1.5"], ["config.slate.dropout=1.5", "[0, 1)"]),
     (["--config.optim.decay=sometimes"], ["config.optim.decay='sometimes'", "'plateau'"]),
     (["--accept_config_change=train.num_stepz"], ["unknown config keys: train.num_stepz"]),
+    (["--config.data.seed=-1"], ["config.data.seed=-1 is invalid", "[0, 2**32)"]),
+    (["--config.seed=4294967296"], ["config.seed=4294967296 is invalid", "[0, 2**32)"]),
 ])
 def test_user_mistakes_are_one_or_two_lines_and_exit_2(tmp_path, args, needles):
     workdir = tmp_path / "run"
@@ -166,3 +168,66 @@ def test_default_console_has_our_lines_only(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["step"] == 2
     assert len(lines) <= 6, lines
 
+
+
+def _untouched(path: pathlib.Path) -> list[str]:
+    """What a refused run could have left in `path`."""
+    return [name for name in (".lock", "checkpoints", "eval") if (path / name).exists()]
+
+
+def test_the_file_system_root_as_workdir_is_refused_and_nothing_written():
+    before = _untouched(pathlib.Path("/"))
+    _assert_user_error(_main([*TINY, "--workdir=/"]), "--workdir=/ is the file system root")
+    assert _untouched(pathlib.Path("/")) == before
+
+
+def test_a_file_as_workdir_is_refused_and_nothing_written(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for workdir, needle in ((path, "notes.txt is a file: "),
+                            (path / "run", "is under {path}, which is a file"),
+                            (dangling, "gone is not a directory")):
+        _assert_user_error(_main([*TINY, f"--workdir={workdir}"]), needle.format(path=path))
+    assert path.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [dangling, path]
+
+
+def _read_only(path: pathlib.Path):
+    """Makes `path` read-only for this process (chmod; as root, which chmod does not stop, the
+    immutable attribute); returns the undo, or skips the test where neither works."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return lambda: path.chmod(0o755)
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr: no directory is read-only here")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_workdir_is_refused_and_nothing_written(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    undo = _read_only(workdir)
+    try:
+        assert not os.access(workdir, os.W_OK)
+        _assert_user_error(_main([*TINY, f"--workdir={workdir}"]),
+                           f"--workdir={workdir} is not writable")
+        _assert_user_error(_main([*TINY, f"--workdir={workdir / 'new'}"]),
+                           f"its parent {workdir} is not writable")
+    finally:
+        undo()
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_checkpoint_without_a_config_record_is_not_resumed(tmp_path):
+    """A checkpoint record without `config` (an older fixed_slots, another program) cannot be
+    checked against the run's config: resuming is refused, not done unchecked."""
+    import jax.numpy as jnp
+
+    from fixed_slots.train.checkpoint import Checkpointer
+
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        ckpt.save(1, state_pytree={"w": jnp.zeros(3)}, rng=None, metadata={})
+    _assert_user_error(_main([*TINY, f"--workdir={tmp_path}"]),
+                       "the checkpoint at step 1", "records no config")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]

@@ -7,7 +7,9 @@ definition (FIDInceptionA/C/E_1/E_2 on torchvision's Inception3) with the weight
 import base64
 import collections
 import io
+import os
 import pickle
+import re
 import sys
 import types
 import zipfile
@@ -265,8 +267,13 @@ def test_reader_on_torch_saved_files(tmp_path, blob):
     np.testing.assert_array_equal(sd["c"], np.array([1.5, -2.0], np.float16))
 
 
-def _write_torch_zip(path, state_dict, monkeypatch):
-    """Writes `state_dict` in torch.save's zip layout (data.pkl + data/<key> blobs)."""
+def _write_torch_zip(path, state_dict, monkeypatch, views=None):
+    """Writes `state_dict` in torch.save's zip layout (data.pkl + data/<key> blobs).
+
+    `views` maps a key to the (offset, sizes, strides) its tensor claims over its storage (the
+    array's own layout otherwise): how a crafted file describes a view outside its storage.
+    """
+    views = dict(views or {})
     fake_torch = types.ModuleType("torch")
     fake_utils = types.ModuleType("torch._utils")
     storage_types = {}
@@ -287,14 +294,15 @@ def _write_torch_zip(path, state_dict, monkeypatch):
             self.key, self.array = key, array
 
     class Tensor:
-        def __init__(self, storage):
-            self.storage = storage
+        def __init__(self, storage, view=None):
+            self.storage, self.view = storage, view
 
         def __reduce_ex__(self, protocol):
             a = self.storage.array
-            stride = tuple(s // a.itemsize for s in a.strides)
+            offset, shape, stride = self.view or (0, a.shape,
+                                                  tuple(s // a.itemsize for s in a.strides))
             return (_rebuild_tensor_v2,
-                    (self.storage, 0, a.shape, stride, False, collections.OrderedDict()))
+                    (self.storage, offset, shape, stride, False, collections.OrderedDict()))
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
@@ -305,7 +313,7 @@ def _write_torch_zip(path, state_dict, monkeypatch):
 
     storages = [Storage(str(i), np.ascontiguousarray(v)) for i, v in enumerate(state_dict.values())]
     payload = collections.OrderedDict(
-        (k, Tensor(s)) for k, s in zip(state_dict, storages))
+        (k, Tensor(s, views.get(k))) for k, s in zip(state_dict, storages))
     buf = io.BytesIO()
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "torch", fake_torch)
@@ -339,7 +347,7 @@ def test_convert_cli_roundtrip(tmp_path, monkeypatch, model_and_weights, capsys)
                                   model.Mixed_7b.branch3x3_2a.conv.kernel.get_value())
 
 
-def test_missing_and_mismatched_weights(tmp_path, model_and_weights):
+def test_missing_and_mismatched_weights(tmp_path, model_and_weights, capsys):
     _, sd, _ = model_and_weights
     model = nnx.eval_shape(lambda: inception.FIDInceptionV3())
     with pytest.raises(FileNotFoundError, match="convert"):
@@ -347,8 +355,10 @@ def test_missing_and_mismatched_weights(tmp_path, model_and_weights):
     with pytest.raises(FileNotFoundError):
         inception.compute_fid(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8, 3)),
                               str(tmp_path / "nope.npz"))
-    with pytest.raises(FileNotFoundError, match="fixed_slots.eval.inception convert"):
-        inception.main(["convert", f"--src={tmp_path / 'nope.pth'}", f"--dst={tmp_path / 'x'}"])
+    assert inception.main(["convert", f"--src={tmp_path / 'nope.pth'}",
+                           f"--dst={tmp_path / 'x.npz'}"]) == 2
+    assert not (tmp_path / "x.npz").exists()
+    assert "fixed_slots.eval.inception convert" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no torch checkpoint at"):
         torch_pickle.read_torch_state_dict(str(tmp_path / "nope.pth"), use_torch=False)
     broken = dict(sd)
@@ -392,3 +402,152 @@ def test_compute_fid_plumbing(model_and_weights, monkeypatch):
     np.testing.assert_allclose(seen["mu1"], mu1, rtol=1e-6)
     np.testing.assert_allclose(seen["sigma1"], sigma1, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(seen["mu2"], mu2, rtol=1e-5, atol=1e-6)
+
+
+# --- crafted files: views outside their storage, code in the pickle ------------------------------
+
+def _readers():
+    """The built-in reader always; torch's too where it is installed (both must refuse)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return [False]
+    return [False, True]
+
+
+_SIX = {"w": np.arange(6, dtype=np.float32)}  # one storage of 6 float32 elements
+
+
+@pytest.mark.parametrize("use_torch", _readers(), ids=lambda t: "torch" if t else "builtin")
+@pytest.mark.parametrize("view, message", [
+    ((0, (4, 4), (4, 1)), r"reaches element 15 of a storage of 6 elements"),
+    ((5, (2,), (1,)), r"reaches element 6 of a storage of 6"),
+    ((0, (2,), (10**12,)), r"reaches element 1000000000000 of a storage of 6"),
+    ((2, (3,), (-1,)), r"negative values are refused"),
+    ((-1, (2,), (1,)), r"negative values are refused"),
+    ((0, (10**6, 10**6), (0, 0)), r"more than 2147483648 elements"),
+    ((0, (2, 3), (3,)), r"2 sizes \(2, 3\) but 1 strides"),
+], ids=["2d-past-end", "offset-past-end", "huge-stride", "negative-stride", "negative-offset",
+        "stride-0-without-bound", "sizes-strides-mismatch"])
+def test_views_outside_their_storage_are_refused(tmp_path, monkeypatch, view, message,
+                                                 use_torch):
+    path = tmp_path / "crafted.pth"
+    _write_torch_zip(path, _SIX, monkeypatch, views={"w": view})
+    with pytest.raises(torch_pickle.TorchCheckpointError) as info:
+        torch_pickle.read_torch_state_dict(str(path), use_torch=use_torch)
+    assert str(path) in str(info.value)
+    if not use_torch:  # torch words its own refusals
+        assert re.search(message, str(info.value)), str(info.value)
+        assert "tensor w:" in str(info.value)
+
+
+def test_views_inside_their_storage_still_read(tmp_path, monkeypatch):
+    flat = np.arange(6, dtype=np.float32)
+    views = {"t": (0, (3, 2), (1, 3)), "o": (4, (2,), (1,)), "e": (1, (2, 3), (0, 1)),
+             "z": (6, (0, 4), (4, 1)), "s": (5, (), ())}
+    path = tmp_path / "views.pth"
+    _write_torch_zip(path, {k: flat for k in views}, monkeypatch, views=views)
+    sd = torch_pickle.read_torch_state_dict(str(path), use_torch=False)
+    np.testing.assert_array_equal(sd["t"], flat.reshape(2, 3).T)  # a transposed view
+    np.testing.assert_array_equal(sd["o"], [4.0, 5.0])  # offset to the last element
+    np.testing.assert_array_equal(sd["e"], np.broadcast_to(flat[1:4], (2, 3)))  # expanded
+    assert sd["z"].shape == (0, 4)  # empty views touch no element
+    assert sd["s"].shape == () and sd["s"] == 5.0
+
+
+def _legacy_file(path, numel, view):
+    """A legacy (pre-zip) torch.save file of one tensor over a view of a storage of `numel`
+    floats: the storage view is (offset, size) as the legacy format records it."""
+    fake_torch = types.ModuleType("torch")
+    fake_torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
+    fake_utils = types.ModuleType("torch._utils")
+
+    def _rebuild_tensor(*args):
+        raise AssertionError("only pickled here")
+
+    _rebuild_tensor.__module__, _rebuild_tensor.__qualname__ = "torch._utils", "_rebuild_tensor"
+    fake_utils._rebuild_tensor = _rebuild_tensor
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce_ex__(self, protocol):
+            return (_rebuild_tensor, (storage, 0, (view[1],), (1,)))
+
+    storage = Storage()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", fake_torch.FloatStorage, "0", "cpu", numel,
+                        ("0v", view[0], view[1]))
+            return None
+
+    buf = io.BytesIO()
+    for header in (torch_pickle._LEGACY_MAGIC, 1001, {"little_endian": True}):
+        pickle.dump(header, buf, protocol=2)
+    saved = dict(sys.modules)
+    try:
+        sys.modules.update({"torch": fake_torch, "torch._utils": fake_utils})
+        Pickler(buf, protocol=2).dump({"w": Tensor()})
+    finally:
+        sys.modules.clear()
+        sys.modules.update(saved)
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(np.int64(numel).tobytes() + np.arange(numel, dtype="<f4").tobytes())
+    path.write_bytes(buf.getvalue())
+
+
+def test_legacy_storage_views_are_checked_against_their_storage(tmp_path):
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    _legacy_file(good, numel=6, view=(2, 3))
+    np.testing.assert_array_equal(
+        torch_pickle.read_torch_state_dict(str(good), use_torch=False)["w"], [2.0, 3.0, 4.0])
+    _legacy_file(bad, numel=6, view=(4, 5))
+    with pytest.raises(torch_pickle.TorchCheckpointError,
+                       match=r"elements \[4, 9\) lies outside its storage of 6 elements"):
+        torch_pickle.read_torch_state_dict(str(bad), use_torch=False)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_code_in_the_pickle_is_refused(tmp_path):
+    marker = tmp_path / "exploited"
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"w": _Exploit(str(marker))}, protocol=2))
+    with pytest.raises(torch_pickle.TorchCheckpointError, match="unsupported global.*mkdir"):
+        torch_pickle.read_torch_state_dict(str(path), use_torch=False)
+    assert not marker.exists()
+
+
+def test_convert_checks_its_input_before_writing(tmp_path, monkeypatch, model_and_weights,
+                                                 capsys):
+    _, sd, _ = model_and_weights
+    dst = tmp_path / "fid.npz"
+    crafted = tmp_path / "crafted.pth"
+    _write_torch_zip(crafted, _SIX, monkeypatch, views={"w": (0, (4, 4), (4, 1))})
+    other = tmp_path / "other.pth"  # readable, but not the FID Inception weights
+    _write_torch_zip(other, {"fc.weight": np.zeros((3, 2), np.float32)}, monkeypatch)
+    for src in (crafted, other):
+        capsys.readouterr()
+        assert inception.main(["convert", f"--src={src}", f"--dst={dst}", "--no-torch"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {src}"), err
+        assert not dst.exists() and not list(tmp_path.glob(".fid.npz*"))
+    # A good conversion replaces an old file only once it is complete; a bad one leaves it.
+    dst.write_bytes(b"old")
+    assert inception.main(["convert", f"--src={other}", f"--dst={dst}", "--no-torch"]) == 2
+    assert dst.read_bytes() == b"old"
+    good = tmp_path / inception.FID_INCEPTION_FILENAME
+    _write_torch_zip(good, sd, monkeypatch)
+    assert inception.main(["convert", f"--src={good}", f"--dst={dst}", "--no-torch"]) == 0
+    with np.load(dst) as f:
+        assert sorted(f.files) == sorted(sd)

@@ -14,6 +14,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -370,3 +372,76 @@ def test_sigterm_and_kill_of_one_process(tmp_path, jax_env):
     assert _checkpoint_steps(workdir)[-1] == last + 1
     assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
     assert np.isfinite(_losses(workdir)[last + 1])
+
+
+# --- processes that disagree, processes that fail at start-up -----------------------------------
+
+def _error_lines(job: Job, process: int) -> list[str]:
+    return [line for line in job.log(process).splitlines() if line.startswith("error: ")]
+
+
+def test_processes_with_different_configs_are_refused(tmp_path, jax_env):
+    """Process 1 with another learning rate: both refuse with the same line, exit 2, write
+    nothing (instead of training two different models, or a C++ abort for other shapes)."""
+    workdir = tmp_path / "run"
+    job = Job(2, SMALL + [f"--workdir={workdir}"], log_dir=tmp_path, name="mismatch",
+              env=jax_env, process_args={1: ["--config.optim.main_lr=0.001"]}).start()
+    assert job.wait(JOB_TIMEOUT) == [2, 2], job.tails()
+    lines = [_error_lines(job, i) for i in range(2)]
+    assert lines[0] == lines[1] and len(lines[0]) == 1, job.tails()
+    assert re.search(r"do not share one config: process 1 differs from process 0 in "
+                     r"optim\.main_lr: 0\.0006 on process 0, 0\.001 on process 1\b", lines[0][0])
+    assert not workdir.exists()
+
+
+_HEARTBEAT_S = 10  # the test's heartbeat timeout (a busy CI machine would trip a shorter one)
+
+
+def _fails_then_job_stops(job: Job, failing: int, error: str) -> tuple[float, float]:
+    """(seconds from the failing process's error line to its exit, seconds from its exit to
+    the last other process's exit); asserts the codes: 2 for it, non-zero for the others."""
+    job.wait_for(failing, rf"^error: .*{error}", JOB_TIMEOUT)
+    printed = time.monotonic()
+    codes = job.wait(JOB_TIMEOUT)
+    assert codes[failing] == 2 and all(c != 0 for c in codes), (codes, job.tails())
+    assert len(_error_lines(job, failing)) == 1, job.tails()
+    others = [t for i, t in enumerate(job.exit_times) if i != failing]
+    return job.exit_times[failing] - printed, max(others) - job.exit_times[failing]
+
+
+def test_a_process_failing_at_start_up_stops_the_job_within_the_heartbeat_timeout(tmp_path,
+                                                                                   jax_env):
+    """One process fails at start-up while the other goes on into a collective that waits for
+    it: the failing process leaves at once (not after JAX's 5-minute shutdown barrier) and the
+    other stops within the heartbeat timeout, non-zero, with a line naming what was lost."""
+    env = dict(jax_env, FIXED_SLOTS_HEARTBEAT_TIMEOUT_S=str(_HEARTBEAT_S))
+    wait = _HEARTBEAT_S / 2  # a failing process waits this long for others failing too
+    slack = 15  # seconds of a busy 2-core machine
+
+    # Process 1 fails: its --workdir is a file (say, storage not mounted on its host).
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    job = Job(2, SMALL + [f"--workdir={tmp_path / 'one'}"], log_dir=tmp_path, name="fail1",
+              env=env, process_args={1: [f"--workdir={not_a_dir}"]}).start()
+    leaving, stopping = _fails_then_job_stops(job, 1, "is a file")
+    assert leaving < wait + slack and stopping < _HEARTBEAT_S + slack, (leaving, stopping)
+    assert _lost_process_named(job.log(0), 1), job.tails()
+
+    # Process 0 fails: the workdir is in use (only process 0 takes the lock), the coordinator
+    # goes with it and process 1 stops at once.
+    held = tmp_path / "held"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fixed_slots.train.workdir import "
+         "WorkdirLock; lock = WorkdirLock(sys.argv[1]); print('locked', flush=True); "
+         "time.sleep(600)", str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        job = Job(2, SMALL + [f"--workdir={held}"], log_dir=tmp_path, name="fail0",
+                  env=env).start()
+        leaving, stopping = _fails_then_job_stops(job, 0, "in use by another run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert leaving < wait + slack and stopping < slack, (leaving, stopping)
+    assert re.search(r"leader task was preempted/died|another task died|Connection reset|"
+                     r"UNAVAILABLE", job.log(1)), job.tails()

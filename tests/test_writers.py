@@ -198,3 +198,17 @@ def test_evaluation_progress_gives_an_eta_from_the_second_batch():
     assert stream.getvalue().count("\n") == 0
     progress(5, 5)
     assert stream.getvalue().endswith("\n")
+
+
+def test_a_short_evaluation_logs_no_progress_line_off_a_terminal():
+    clock, stream = FakeClock(), io.StringIO()
+    progress = console.EvaluationProgress("Evaluating", stream=stream, clock=clock)
+    clock.now = 3.0
+    assert progress(1, 2) is None
+    clock.now = 4.0
+    assert progress(2, 2) is None  # done within one logging interval: the summary says it
+    long = console.EvaluationProgress("Evaluating", stream=stream, clock=clock)
+    clock.now = 20.0
+    assert long(1, 3) is not None  # 10 s passed: logged
+    clock.now = 21.0
+    assert long(3, 3) == "Evaluating: batch 3/3 (100%)  ETA 0:00:00"

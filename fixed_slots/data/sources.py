@@ -392,7 +392,7 @@ def get_source(config_data: Any, split: str) -> RandomAccessDataSource:
                 f"config.data.min_objects={low}, max_objects={high}: synthetic scenes need "
                 f"1 <= min_objects <= max_objects <= 255 (ids in a uint8 mask)"
             )
-        style = str(config_data.synthetic_style)
+        style = str(config_data.get("synthetic_style", "classic"))  # older configs lack it
         if style not in SCENE_STYLES:
             raise ConfigError(f"config.data.synthetic_style={style!r} is not a scene style; "
                               f"expected one of {tuple(SCENE_STYLES)}")

@@ -55,6 +55,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     models.check_config(config)
     pipeline.check_config(config)
     configlib.check_ranges(config, RANGES)
+    if jax.process_count() > 1 and config.eval.batch_size % jax.device_count():
+        raise configlib.bad_value(
+            "eval.batch_size", config.eval.batch_size,
+            f"a multiple of the {jax.device_count()} devices of this multi-process job")
     path = config.eval.inception_weights
     if path and not os.path.exists(path):
         raise MissingInceptionWeightsError(
@@ -97,6 +101,9 @@ class Evaluator:
                  mesh: jax.sharding.Mesh | None = None):
         self.config = config
         self.mesh = mesh if mesh is not None or jax.process_count() == 1 else sharding.make_mesh()
+        # One process: a batch that does not split over the mesh's devices runs replicated
+        # (every device computes all of it, the same numbers); several processes must split it.
+        split_rows = self.mesh is not None and config.eval.batch_size % self.mesh.size == 0
         self.model_class = models.get(config.model.name)
 
         def eval_fn(params, batch, key, full):
@@ -106,7 +113,8 @@ class Evaluator:
             return nnx.merge(graphdef, params).evaluation_pictures(batch, key)
 
         if self.mesh is not None:
-            repl, rows = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
+            repl = sharding.replicated(self.mesh)
+            rows = sharding.batch_sharding(self.mesh) if split_rows else repl
             # Replicated results: every process can read them.
             self._eval = jax.jit(eval_fn, static_argnames="full",
                                  in_shardings=(repl, rows, repl), out_shardings=repl)

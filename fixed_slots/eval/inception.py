@@ -387,12 +387,32 @@ def load_fid_inception_weights(model: FIDInceptionV3, path: str) -> FIDInception
 
 
 def convert_torch_weights(src: str, dst: str, use_torch: Optional[bool] = None) -> int:
-    """Writes the state_dict at `src` to an `.npz` at `dst` keyed by the PyTorch names."""
+    """Writes the state_dict at `src` to an `.npz` at `dst` keyed by the PyTorch names.
+
+    The input is read (every tensor view checked against its storage) and matched against the
+    FID Inception architecture (names and shapes) before anything is written; `dst` appears
+    whole or not at all (written beside it, then renamed), and an existing `dst` is replaced only
+    by a good conversion.
+    """
     if not os.path.isfile(src):
         raise _missing_weights_error(src)
+    if not os.fspath(dst).endswith(".npz"):
+        raise ValueError(f"--dst={dst!r} must end in .npz (what load_fid_inception_weights reads)")
     state_dict = read_torch_state_dict(src, use_torch=use_torch)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    np.savez(dst, **state_dict)
+    try:
+        load_state_dict_into(nnx.eval_shape(lambda: FIDInceptionV3()), state_dict)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}; nothing written to {dst}") from None
+    directory = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(directory, exist_ok=True)
+    partial = os.path.join(directory, f".{os.path.basename(dst)}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as f:
+            np.savez(f, **state_dict)
+        os.replace(partial, dst)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return len(state_dict)
 
 
@@ -471,10 +491,12 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                       help="use the built-in reader even if torch is installed")
     args = parser.parse_args(None if argv is None else list(argv))
     if args.command == "convert":
-        count = convert_torch_weights(args.src, args.dst,
-                                      use_torch=False if args.no_torch else None)
-        # Check the result loads into the architecture before reporting success.
-        load_fid_inception_weights(FIDInceptionV3(), args.dst)
+        try:
+            count = convert_torch_weights(args.src, args.dst,
+                                          use_torch=False if args.no_torch else None)
+        except (ValueError, OSError) as e:  # a bad or missing input, an unwritable output
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {count} arrays to {args.dst}")
     return 0
 

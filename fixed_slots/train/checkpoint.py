@@ -25,6 +25,14 @@ would otherwise stay "latest" and orbax would refuse to save those steps again. 
 exist and none restores, `CheckpointRestoreError` names the directory and every step's error, and
 nothing is renamed, so a rerun cannot silently start from scratch.
 
+Abandoned reads. Orbax restores every array of a step concurrently on an asyncio event loop that
+it closes as soon as one read fails (a shape that does not fit, a truncated file); the reads still
+in flight finish afterwards on tensorstore's threads, and each one's completion callback finds the
+loop closed: Python reports a `RuntimeError: Event loop is closed` traceback per abandoned read
+(hundreds per step, long after the step's one-line warning). They change nothing; while this
+module is in use a `sys.unraisablehook` drops exactly these reports (that exception, raised in
+asyncio's `call_soon_threadsafe` called from native code) and passes every other one on.
+
 Atomicity. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only
 once every item is written; a crash before the rename leaves an unfinalised temporary directory,
 which is ignored when listing steps and cleaned up when the next Checkpointer opens the directory.
@@ -37,6 +45,8 @@ import ast
 import base64
 import os
 import re
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -72,6 +82,35 @@ def _restore_advice(directory: str, failed: list[tuple[int, BaseException]]) -> 
 
 class FingerprintMismatchError(ValueError):
     """A restored array differs from what was saved (garbled bytes that still decoded)."""
+
+
+# --- reads orbax abandoned after a failure -------------------------------------------------
+
+def _is_abandoned_read(unraisable: Any) -> bool:
+    """Whether an unraisable-exception report is a tensorstore read completing into the event
+    loop orbax closed after another read of the same restore failed."""
+    if (unraisable.exc_type is not RuntimeError or unraisable.object is not None
+            or str(unraisable.exc_value) != "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    # Called from native code: the first Python frame is asyncio's call_soon_threadsafe.
+    return bool(frames) and frames[0].name == "call_soon_threadsafe" and (
+        os.path.basename(frames[0].filename) == "base_events.py")
+
+
+def _drop_abandoned_reads() -> None:
+    """Installs (once per current hook) a sys.unraisablehook that drops `_is_abandoned_read`
+    reports and hands every other report to the hook it replaces."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fixed_slots_drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook._fixed_slots_drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 # --- content fingerprints -------------------------------------------------------------------
@@ -199,11 +238,11 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1, asynchronous: bool = False):
-        """`max_to_keep=None` keeps every step; `asynchronous=True` returns from `save` once the
-        arrays are on the host and finishes writing in the background (`wait_until_finished`)."""
+                 save_interval_steps: int = 1):
+        """`max_to_keep=None` keeps every step. Saves are synchronous: `save` returns once the
+        step is finalised on disk."""
         self.directory = os.path.abspath(os.fspath(directory))
-        self.asynchronous = asynchronous
+        _drop_abandoned_reads()
         # Due every save_interval_steps (or at a multi-host preemption sync point); unlike
         # orbax's default policy, not also "the first step of an empty directory".
         policy = ocp.checkpoint_managers.AnySavePolicy([
@@ -211,7 +250,7 @@ class Checkpointer:
             ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_decision_policy=policy, create=True,
-            enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
+            enable_async_checkpointing=False, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=(_STATE, _META))
 
@@ -249,8 +288,7 @@ class Checkpointer:
         saved = self._manager.save(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(state_pytree), _META: ocp.args.JsonSave(meta)}),
             force=True)
-        if not self.asynchronous:
-            self._manager.wait_until_finished()
+        self._manager.wait_until_finished()  # finalised (renamed) before `save` returns
         return saved
 
     def _restore_step(self, step: int, abstract: Any):
@@ -273,7 +311,6 @@ class Checkpointer:
         jax.ShapeDtypeStruct leaves; restored arrays take their shardings. Raises
         CheckpointRestoreError if checkpoints exist and none restores.
         """
-        self.wait_until_finished()
         self._manager.reload()  # the directory may have changed since this object opened it
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
@@ -325,10 +362,6 @@ class Checkpointer:
         ocp.multihost.sync_global_processes("fixed_slots_checkpoint_set_aside_done")
         self._manager.reload()
 
-    def wait_until_finished(self) -> None:
-        """Blocks until an asynchronous save is finalised (a no-op for synchronous saves)."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.close()
 
@@ -372,6 +405,11 @@ def _verify_subtree_fingerprints(tree: Any, saved: dict[str, list] | None) -> No
                 f"(saved {expected[1]}, restored {value}): its bytes are garbled")
 
 
+# How many times a read of the newest step starts over when a training run writing the directory
+# saved a newer step and deleted the one being read (`max_to_keep`).
+_READ_ROUNDS = 5
+
+
 def restore_params(directory: str, target: Any, *, step: int | None = None
                    ) -> tuple[int, Any] | None:
     """(step, params) from the train state saved in `directory` (`save(state_pytree={"state":
@@ -381,48 +419,87 @@ def restore_params(directory: str, target: Any, *, step: int | None = None
     arrays take their shardings; none: the first local device). Without `step`, the newest step
     that restores (a newer unreadable one is logged and skipped, never renamed); a given `step`
     must restore. Raises CheckpointRestoreError if checkpoints exist and none restores.
+
+    Beside a training run on the same directory: a step that fails while the run saves a newer
+    one and deletes it (keeping `max_to_keep`) is not corrupt; the read starts over from the
+    newest step (up to `_READ_ROUNDS` times), and such steps are never reported as corrupt.
     """
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         return None
+    _drop_abandoned_reads()
+    abstract = {_STATE: {_PARAMS: jax.tree.map(_abstract_leaf, target)}}
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+        _META: ocp.args.JsonRestore()})
     # Read-only use: create nothing, clean no temporary directory of a save in progress.
     options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
     manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _META))
+
+    def read(candidate: int) -> Any:
+        restored = manager.restore(candidate, args=args)
+        meta = restored[_META]
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"item {_META!r} is not a fixed_slots checkpoint record "
+                             f"(format {_FORMAT}): {str(meta)[:200]}")
+        tree = restored[_STATE]
+        _verify_subtree_fingerprints(tree, meta.get("fingerprints"))
+        return tree[_STATE][_PARAMS]
+
+    def listed() -> list[int]:
+        manager.reload()
+        return sorted(manager.all_steps(), reverse=True)
+
+    failed: dict[int, BaseException] = {}  # unreadable steps that are still there
+    replaced: list[int] = []  # steps a training run deleted while they were being read
     try:
-        available = sorted(manager.all_steps(), reverse=True)
-        if step is not None and int(step) not in available:
-            raise FileNotFoundError(f"no checkpoint at step {step} in {directory} (steps: "
-                                    f"{sorted(available) or 'none'})")
-        steps = [int(step)] if step is not None else available
-        if not steps:
-            return None
-        abstract = {_STATE: {_PARAMS: jax.tree.map(_abstract_leaf, target)}}
-        args = ocp.args.Composite(**{
-            _STATE: ocp.args.PyTreeRestore(
-                item=abstract, partial_restore=True,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
-            _META: ocp.args.JsonRestore()})
-        failed: list[tuple[int, BaseException]] = []
-        for candidate in steps:
-            try:
-                restored = manager.restore(candidate, args=args)
-                meta = restored[_META]
-                if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-                    raise ValueError(f"item {_META!r} is not a fixed_slots checkpoint record "
-                                     f"(format {_FORMAT}): {str(meta)[:200]}")
-                tree = restored[_STATE]
-                _verify_subtree_fingerprints(tree, meta.get("fingerprints"))
-                return candidate, tree[_STATE][_PARAMS]
-            except Exception as error:  # any failure to read makes this step unusable
-                if step is not None:
-                    raise
-                failed.append((candidate, error))
-                logging.warning("Checkpoint at step %d in %s could not be restored (%s); trying "
-                                "the previous checkpoint.", candidate, directory, _short(error))
-        details = "\n  ".join(f"step {s}: {_short(e, 240)}" for s, e in failed)
+        for _ in range(_READ_ROUNDS):
+            available = listed()
+            if step is not None and int(step) not in available:
+                gone = " (deleted while it was being read)" if int(step) in replaced else ""
+                raise FileNotFoundError(f"no checkpoint at step {step} in {directory}{gone} "
+                                        f"(steps: {sorted(available) or 'none'})")
+            candidates = ([int(step)] if step is not None
+                          else [s for s in available if s not in failed])
+            if not candidates and not failed:
+                return None
+            started_over = False
+            for candidate in candidates:
+                try:
+                    return candidate, read(candidate)
+                except Exception as error:  # any failure to read makes this step unusable
+                    now = listed()
+                    if candidate not in now or (now and now[0] > available[0]):
+                        # A newer step was saved (and this one deleted) while it was being read.
+                        replaced.append(candidate)
+                        logging.info("Checkpoint at step %d in %s was replaced by a newer one "
+                                     "while being read; reading the newest.", candidate,
+                                     directory)
+                        started_over = True
+                        break
+                    if step is not None:
+                        raise
+                    failed[candidate] = error
+                    logging.warning("Checkpoint at step %d in %s could not be restored (%s); "
+                                    "trying the previous checkpoint.", candidate, directory,
+                                    _short(error))
+            if not started_over:
+                break
+        if not failed:
+            raise CheckpointRestoreError(
+                f"the checkpoints in {directory} were replaced {len(replaced)} times while "
+                f"being read (steps {replaced}): a training run writing there keeps only "
+                f"train.max_checkpoints_to_keep of them and saves faster than they can be "
+                f"read. Nothing is wrong with them: evaluate again, or keep more of them.")
+        details = "\n  ".join(f"step {s}: {_short(e, 240)}" for s, e in failed.items())
+        also = (f"\n(Steps {replaced} were replaced by newer ones while being read; they are "
+                f"not corrupt.)" if replaced else "")
+        failures = list(failed.items())
         raise CheckpointRestoreError(
             f"{len(failed)} checkpoint(s) exist in {directory} but none could be restored:"
-            f"\n  {details}\n{_restore_advice(directory, failed)}")
+            f"\n  {details}\n{_restore_advice(directory, failures)}{also}")
     finally:
         manager.close()
 

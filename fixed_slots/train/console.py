@@ -155,6 +155,7 @@ class EvaluationProgress:
         self._first_done: tuple[float, int] | None = None
         self._last_log = clock()
         self._log_every = log_every_seconds
+        self._logged = False
 
     def __call__(self, done: int, total: int) -> str | None:
         now = self._clock()
@@ -162,11 +163,16 @@ class EvaluationProgress:
             self._first_done = (now, done)
         t0, d0 = self._first_done
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
-        eta = (total - done) / rate if rate > 0 else math.inf
+        finished = done >= total
+        eta = 0.0 if finished else (total - done) / rate if rate > 0 else math.inf
         percent = 100.0 * done / total if total else 100.0
         text = (f"{self.what}: batch {done}/{total} ({percent:.0f}%)  "
                 f"ETA {format_duration(eta)}")
         log_it = now - self._last_log >= self._log_every
         if log_it:
             self._last_log = now
-        return self._line.show(text, log_it=log_it, final=done >= total)
+            self._logged = True
+        # Not on a terminal, an evaluation shorter than one logging interval prints nothing
+        # (its summary line follows); a longer one ends its logged lines with the last batch.
+        final = finished and (self._line.tty or self._logged)
+        return self._line.show(text, log_it=log_it, final=final)

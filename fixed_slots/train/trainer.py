@@ -39,9 +39,11 @@ from fixed_slots.train.plateau import ValidationPlateau
 from fixed_slots.train.train_step import TrainState, build, model_from_params, with_lr_scale
 from fixed_slots.train.workdir import (
     WorkdirLock,
+    check_workdir,
     config_differences,
     config_record,
     refuse_changed_config,
+    saved_config,
 )
 from fixed_slots.train.writers import create_writer
 
@@ -292,9 +294,10 @@ def _saved_config(checkpointer: Checkpointer) -> dict | None:
     """The config record of the newest checkpoint whose metadata reads, or None."""
     for step in reversed(checkpointer.all_steps()):
         try:
-            return checkpointer.read_metadata(step).get("config")
+            metadata = checkpointer.read_metadata(step)
         except Exception:  # an unreadable step: restore_latest reports and skips it
             continue
+        return saved_config(metadata, step, checkpointer.directory)  # no config: refused
     return None
 
 
@@ -330,13 +333,17 @@ class _Run:
 
     def setup(self) -> None:
         config = self.config
-        self.mesh = sharding.make_mesh(config.train.num_devices)
-        self.graphdef, self.state, self.train_step = build(config, self.mesh)
-        self.base_key = jax.random.key(config.seed)
         self.checkpointer = Checkpointer(self.ckpt_dir,
                                          max_to_keep=config.train.max_checkpoints_to_keep)
         try:
+            # A refused resume is the user's one error line: before anything else is printed.
             self.changes = self._check_resume_config()
+            if self.primary:
+                log.info("Training %s (grad=%s, %d steps) in %s: building the model ...",
+                         config.model.name, config.grad, config.train.num_steps, self.workdir)
+            self.mesh = sharding.make_mesh(config.train.num_devices)
+            self.graphdef, self.state, self.train_step = build(config, self.mesh)
+            self.base_key = jax.random.key(config.seed)
             restored = self.checkpointer.restore_latest({"state": self.state})
         except BaseException:
             # Closed here, or orbax's background threads die noisily at interpreter exit.
@@ -410,7 +417,6 @@ class _Run:
             elif config.train.evaluate_at_end:
                 self._evaluate(step, full=True)
         finally:
-            self.checkpointer.wait_until_finished()
             self.checkpointer.close()
             if self.writer is not None:
                 self.writer.flush()
@@ -583,16 +589,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     """
     # Before anything touches a device (the checks count devices): jax.distributed.initialize
     # refuses to run once the backend exists.
-    sharding.maybe_initialize_distributed()
+    sharding.maybe_initialize_distributed(config)  # and every process has this config
     check_config(config)
-    if jax.process_index() == 0:
-        log.info("Training %s (grad=%s, %d steps) in %s: reading the data and building the "
-                 "model ...", config.model.name, config.grad, config.train.num_steps, workdir)
     flat = config_record(config)
     unknown = [k for k in accept_config_change if k not in flat]
     if unknown:
         raise ConfigError(f"--accept_config_change names unknown config keys: "
                           f"{', '.join(unknown)}")
+    check_workdir(workdir)  # on every process, before anything is written
     # The data first: a missing dataset fails in seconds, before any model is built and before
     # the workdir is created.
     loader = pipeline.make_loader(config, "train", global_batch_size=config.train.batch_size,

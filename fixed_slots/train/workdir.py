@@ -6,11 +6,16 @@ naming the holder (host, pid, start time, command). The kernel drops the lock wh
 dies, so a crashed or killed run never leaves it stuck. (On network file systems `flock` is only
 as good as the server's lock support; NFSv4 and Lustre have it.)
 
+`check_workdir`: a training run's workdir is checked on every process before anything is written:
+not the file system root, not a file (nor under one), and writable (or creatable in a writable
+directory); a WorkdirError names the problem and nothing is created.
+
 Config records: every checkpoint carries the flattened config it was trained with
 (`config_record`); on resume `config_differences` lists what changed. Keys that only change what
 is logged or kept (cadences, evaluation settings, data location, device count) may change freely;
 any other change (model, gradient mode, data order, optimiser, seed, run length, ...) is refused
-unless named in `--accept_config_change`.
+unless named in `--accept_config_change`. A checkpoint whose record has no config (an older
+fixed_slots, another program) cannot be checked: resuming from it is refused (`saved_config`).
 """
 from __future__ import annotations
 
@@ -42,13 +47,40 @@ FREE_TO_CHANGE = (
 )
 
 
+def check_workdir(workdir: str) -> str:
+    """The absolute path of `workdir` if a training run can write there; creates nothing.
+
+    Raises WorkdirError for the file system root, a file (or a path under one), and a directory
+    (or, for a workdir still to be created, its nearest existing parent) this process cannot
+    write to.
+    """
+    path = os.path.abspath(os.fspath(workdir))
+    if os.path.dirname(path) == path:
+        raise WorkdirError(f"--workdir={workdir} is the file system root: give the run a "
+                           f"directory of its own, e.g. --workdir=/tmp/run")
+    existing = path
+    while not os.path.lexists(existing):  # (a dangling link exists, and is no directory)
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        kind = "a file" if os.path.isfile(existing) else "not a directory"
+        where = f"is {kind}" if existing == path else f"is under {existing}, which is {kind}"
+        raise WorkdirError(f"--workdir={workdir} {where}: give the run a directory (it is "
+                           f"created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = ("" if existing == path else
+                 f" (it does not exist and its parent {existing} is not writable)")
+        raise WorkdirError(f"--workdir={workdir} is not writable{where}: give the run a "
+                           f"directory this user can write to")
+    return path
+
+
 class WorkdirLock:
     """Exclusive lock on a workdir for this process's lifetime (or until `release`)."""
 
     def __init__(self, workdir: str):
         import fcntl
 
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = check_workdir(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.path = os.path.join(self.workdir, LOCK_NAME)
         self._file = open(self.path, "a+")
@@ -116,6 +148,19 @@ def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     walk("", config)
     return flat
+
+
+def saved_config(metadata: Any, step: int, directory: str) -> dict[str, Any]:
+    """The config record in a checkpoint's metadata; WorkdirError if it holds none (resuming
+    could not check that the run is the one it was trained as)."""
+    record = metadata.get("config") if isinstance(metadata, dict) else None
+    if not isinstance(record, dict):
+        raise WorkdirError(
+            f"the checkpoint at step {step} in {directory} records no config (written by a "
+            f"fixed_slots older than config records, or by another program), so resuming "
+            f"cannot check that this config is the one it was trained with: resume with the "
+            f"version that wrote it, or train in a new --workdir. Nothing was changed.")
+    return record
 
 
 def _free(key: str) -> bool:
