@@ -13,8 +13,7 @@ import ml_collections
 from flax import nnx
 
 from fixed_slots import models
-from fixed_slots.models.common import fixed_point_options
-from fixed_slots.modules.slot_attention import fixed_point_mode
+from fixed_slots.fixed_point import parse_grad_mode
 from fixed_slots import sharding
 from fixed_slots.train.optim import make_optimizer
 from fixed_slots.train.train_step import (  # noqa: F401  (re-exported)
@@ -42,9 +41,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bo
     graphdef, params = split_params(model)
     tx = make_optimizer(config.optim, params, flat=flat_optimizer)
     state = sharding.replicate(TrainState.create(params, tx), mesh)
-    mode = fixed_point_mode(config.grad, fixed_point_options(config))
+    # The estimators with an adjoint solve (Implicit, Series) fill the probe.
     step_fn = make_train_step(graphdef, tx, decay=config.optim.decay,
-                              adjoint_stats=mode.grad in ("implicit", "neumann"))
+                              adjoint_stats=parse_grad_mode(config.grad).grad in ("implicit",
+                                                                                  "series"))
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                      donate_argnums=(0,) if donate else ())
