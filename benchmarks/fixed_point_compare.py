@@ -109,7 +109,7 @@ def ours(solver, grad) -> Callable[[Problem], Callable]:
 
 def ours_neumann1() -> Callable[[Problem], Callable]:
     """Neumann(1) after T - 1 updates without gradient: T updates in all, the last one taped."""
-    return ours(lambda t: Iterate(max_iter=t), Neumann(order=1))
+    return ours(lambda t: Iterate(max_iter=t - 1), Neumann(order=1))
 
 
 def optimistix(adjoint: str, gmres_steps: int = 0) -> Callable[[Problem], Callable]:

@@ -45,8 +45,9 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     c.slot_attention.mlp_hidden_size = 192
     c.slot_attention.num_heads = 1
     c.slot_attention.epsilon = 1e-8
-    # The solver knobs `grad` leaves open, all in one place (fixed_point_layer's string form;
-    # None: the layer's default). `grad` picks solver, gradient and update count; these tune them.
+    # The solver knobs `grad` leaves open, all in one place (None: the object's default).
+    # `grad` picks solver, gradient and update count; these tune them. Read in one place:
+    # fixed_slots.fixed_point.modes, GradMode.layer_options(T, **these).
     fp = c.slot_attention.fixed_point = ml_collections.ConfigDict()
     fp.tol = ml_collections.config_dict.placeholder(float)  # early exit of the forward solve
     fp.damping = 1.0  # naive iteration: z <- (1 - d) z + d f(z)
@@ -54,7 +55,7 @@ def _common(model_name: str) -> ml_collections.ConfigDict:
     fp.broyden_memory = 30
     # Implicit modes (implicit, IB, BB) only: the adjoint solver (None: the mode's, iterate for
     # "implicit", broyden for IB/BB; or anderson, gmres), its budget (None: T + 1 evaluations),
-    # tolerance, and what a failed solve does ("fallback": first-order Neumann term for the
+    # tolerance, and what a failed solve does ("fallback": the first-order term u = g for the
     # failed examples, with a warning; "nan": a non-finite gradient the trainer stops on;
     # "raise"). The backward solve's residual, steps and failures are logged as metrics.
     fp.adjoint_solver = ml_collections.config_dict.placeholder(str)

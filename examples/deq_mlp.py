@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None, *, steps: int = 300, quiet: bool = False
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--grad", default=grad, help="unroll, neumannK, implicit, IN, IB, BN, BB")
+    parser.add_argument("--grad", default=grad, help="unroll, neumannK, seriesK, implicit, IN, IB, BN, BB")
     parser.add_argument("--num_points", type=int, default=num_points)
     parser.add_argument("--hidden", type=int, default=hidden)
     parser.add_argument("--freeze_cell", action="store_true", default=freeze_cell)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None, *, steps: int = 300, quiet: bool = False
             line = (f"step {i:4d}  loss {float(ce):.4f}  forward residual "
                     f"{float(jnp.mean(info.final_residual)):.1e}  steps "
                     f"{float(jnp.mean(info.steps)):.1f}")
-            if mode.grad in ("implicit", "neumann"):  # modes with an adjoint solve fill the probe
+            if mode.grad in ("implicit", "series"):  # modes with an adjoint solve fill the probe
                 line += (f"  adjoint residual {float(jnp.mean(adjoint[:, 0])):.1e}  steps "
                          f"{float(jnp.mean(adjoint[:, 1])):.1f}")
             print(line)

@@ -5,7 +5,7 @@
 fixed_point_layer is a JAX function: parameters go in explicitly as a pytree.
   NNX:   graphdef, state = nnx.split(cell); f = lambda state, z, x: nnx.merge(graphdef, state)(z, x)
   linen: variables = cell.init(...);        f = lambda variables, z, x: cell.apply(variables, z, x)
-The script checks that the implicit and Neumann gradients w.r.t. those pytrees agree with
+The script checks that the implicit and series gradients w.r.t. those pytrees agree with
 backpropagation through a long unrolled solve, and that the two frameworks give the same numbers
 from the same weights.
 """
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fixed_slots.fixed_point import Implicit, Iterate, Neumann, Unroll, fixed_point_layer
+from fixed_slots.fixed_point import Implicit, Iterate, Neumann, Series, Unroll, fixed_point_layer
 
 STATE, INPUT = 8, 3
 
@@ -80,7 +80,7 @@ def main(quiet: bool = False) -> dict[str, float]:
         return jnp.sum((z - target) ** 2)
 
     estimators = {"unroll": Unroll(), "implicit": Implicit(adjoint=Iterate(max_iter=60)),
-                  "neumann": Neumann(order=30)}
+                  "series": Series(order=30)}
     grads = {}
     for name, f, params in (("nnx", nnx_f, state), ("linen", linen_f, variables)):
         for grad, estimator in estimators.items():
@@ -96,11 +96,11 @@ def main(quiet: bool = False) -> dict[str, float]:
                           "bias": grads["nnx", "implicit"]["U"]["bias"][...]}}
     result = {
         "nnx_implicit_vs_unroll": _max_rel_diff(grads["nnx", "implicit"], grads["nnx", "unroll"]),
-        "nnx_neumann30_vs_unroll": _max_rel_diff(grads["nnx", "neumann"], grads["nnx", "unroll"]),
+        "nnx_series30_vs_unroll": _max_rel_diff(grads["nnx", "series"], grads["nnx", "unroll"]),
         "linen_implicit_vs_unroll": _max_rel_diff(grads["linen", "implicit"],
                                                   grads["linen", "unroll"]),
-        "linen_neumann30_vs_unroll": _max_rel_diff(grads["linen", "neumann"],
-                                                   grads["linen", "unroll"]),
+        "linen_series30_vs_unroll": _max_rel_diff(grads["linen", "series"],
+                                                  grads["linen", "unroll"]),
         "nnx_vs_linen_implicit": _max_rel_diff(nnx_implicit, linen_as_nnx),
     }
     # The paper's 1-step estimator (IN) is cheaper and deliberately not the exact gradient.

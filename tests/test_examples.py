@@ -38,8 +38,8 @@ def test_deq_mlp_parses_argv():
 
 def test_flax_usage_gradients_agree_with_unroll_in_both_apis():
     result = load("flax_usage").main(quiet=True)
-    for key in ("nnx_implicit_vs_unroll", "nnx_neumann30_vs_unroll", "linen_implicit_vs_unroll",
-                "linen_neumann30_vs_unroll"):
+    for key in ("nnx_implicit_vs_unroll", "nnx_series30_vs_unroll", "linen_implicit_vs_unroll",
+                "linen_series30_vs_unroll"):
         assert result[key] < 1e-4, (key, result)
     assert result["nnx_vs_linen_implicit"] < 1e-6, result
     # The 1-step estimator is an approximation, not the exact gradient.

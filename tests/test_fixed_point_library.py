@@ -19,6 +19,14 @@ import pytest
 
 import fixed_slots.fixed_point as fp
 from fixed_slots.fixed_point import (
+    GMRES,
+    Anderson,
+    Broyden,
+    Implicit,
+    Iterate,
+    Neumann,
+    Series,
+    Unroll,
     fixed_point_layer,
     jacobian_frobenius_penalty,
 )
@@ -51,13 +59,11 @@ PUBLIC = [
     "Broyden",
     "FixedPointInfo",
     "GMRES",
-    "GRAD_MODES",
     "GradMode",
     "Implicit",
     "Iterate",
     "Neumann",
-    "Phantom",
-    "SOLVERS",
+    "Series",
     "Unroll",
     "fixed_point_layer",
     "jacobian_frobenius_penalty",
@@ -72,8 +78,6 @@ def test_public_surface_is_exactly_the_documented_list():
     for name in PUBLIC:
         assert hasattr(fp, name), name
         assert f"`{name}" in docs, f"{name} is exported but not documented in {DOCS.name}"
-    assert fp.SOLVERS == ("iterate", "anderson", "broyden")
-    assert fp.GRAD_MODES == ("unroll", "neumann", "implicit", "phantom")
     assert fp.ADJOINT_SOLVERS == ("iterate", "anderson", "broyden", "gmres")
 
 
@@ -199,10 +203,10 @@ def test_frobenius_penalty_gradient_matches_dense_hutchinson_with_the_same_noise
     np.testing.assert_array_equal(dz, jnp.zeros(N))
 
 
-# --------------------------------------------------------------------------- phantom gradients
+# --------------------------------------------------------------------------- Neumann (the paper's)
 
 @pytest.mark.parametrize("steps,damping", [(1, 1.0), (3, 0.5)])
-def test_phantom_gradient_equals_autodiff_through_k_damped_steps(steps, damping):
+def test_neumann_gradient_equals_autodiff_through_k_damped_steps(steps, damping):
     params, x = make_problem()
     z0, T = 0.1 * jnp.ones(N), 12
 
@@ -216,8 +220,8 @@ def test_phantom_gradient_equals_autodiff_through_k_damped_steps(steps, damping)
         return jnp.dot(WEIGHTS, z)
 
     def ours(p, xx, z0):
-        z, _ = fixed_point_layer(f, p, z0, xx, max_iter=T, grad="phantom",
-                                 phantom_steps=steps, phantom_damping=damping)
+        z, _ = fixed_point_layer(f, p, z0, xx, solver=Iterate(T),
+                                 grad=Neumann(order=steps, damping=damping))
         return jnp.dot(WEIGHTS, z)
 
     v1, g1 = jax.value_and_grad(ours, argnums=(0, 1, 2))(params, x, z0)
@@ -254,6 +258,7 @@ def _reference_trace(z0, damping, T):
 
 def test_return_best_returns_the_lowest_residual_evaluation():
     T, damping = 6, 0.5
+    solver = Iterate(T, damping=damping)
     z0s = jnp.array([[3.0, -3.0], [2.0, 2.0]])
     refs = [_reference_trace(z0, damping, T) for z0 in z0s]
     best = [int(np.argmin(r)) for _, _, r in refs]
@@ -267,29 +272,27 @@ def test_return_best_returns_the_lowest_residual_evaluation():
     for i, z0 in enumerate(z0s):
         xs, fxs, r = refs[i]
         k = best[i]
-        (z, aux), info = fixed_point_layer(g_aux, A_OSC, z0, B_OSC, max_iter=T, damping=damping,
+        (z, aux), info = fixed_point_layer(g_aux, A_OSC, z0, B_OSC, solver=solver,
                                            return_best=True, has_aux=True)
         np.testing.assert_allclose(info.residuals, r, rtol=1e-5)
         np.testing.assert_allclose(z, fxs[k], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(aux["input"], xs[k], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(info.final_residual, r[k], rtol=1e-5)
-        z_last, info_last = fixed_point_layer(f_osc, A_OSC, z0, B_OSC, max_iter=T,
-                                              damping=damping)
+        z_last, info_last = fixed_point_layer(f_osc, A_OSC, z0, B_OSC, solver=solver)
         np.testing.assert_allclose(z_last, fxs[-1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(info_last.final_residual, r[-1], rtol=1e-5)
 
     # Per example with a batch axis: each row keeps its own best evaluation.
-    zb, info = fixed_point_layer(f_osc, A_OSC, z0s, B_OSC, max_iter=T, damping=damping,
-                                 return_best=True, batch_axis=0)
+    zb, info = fixed_point_layer(f_osc, A_OSC, z0s, B_OSC, solver=solver, return_best=True,
+                                 batch_axis=0)
     for i, k in enumerate(best):
         np.testing.assert_allclose(zb[i], refs[i][1][k], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(info.final_residual[i], refs[i][2][k], rtol=1e-5)
 
-    # neumann1's gradient is taken at the returned (best) evaluation point.
+    # Series(1)'s gradient is taken at the returned (best) evaluation point.
     x_best = jnp.asarray(refs[0][0][best[0]], jnp.float32)
     g = jax.grad(lambda A: jnp.sum(fixed_point_layer(
-        f_osc, A, z0s[0], B_OSC, max_iter=T, damping=damping, return_best=True,
-        grad="neumann")[0]))(A_OSC)
+        f_osc, A, z0s[0], B_OSC, solver=solver, return_best=True, grad=Series(1))[0]))(A_OSC)
     g_ref = jax.grad(lambda A: jnp.sum(f_osc(A, x_best, B_OSC)))(A_OSC)
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
@@ -325,6 +328,10 @@ def f_additive(W, z, x):
     return jnp.tanh(W @ z) + x
 
 
+ADJOINTS = {"iterate": Iterate, "anderson": Anderson, "broyden": Broyden,
+            "gmres": lambda budget, tol: GMRES(budget, 1e-6 if tol is None else tol)}
+
+
 @pytest.mark.parametrize("adjoint_solver", ["iterate", "anderson", "broyden", "gmres"])
 def test_adjoint_callback_reports_the_true_adjoint_residual(adjoint_solver):
     params, x = make_problem(contraction=0.9)
@@ -332,12 +339,11 @@ def test_adjoint_callback_reports_the_true_adjoint_residual(adjoint_solver):
     records = []
 
     def loss(W, x, budget, tol):
-        z, _ = fixed_point_layer(f_additive, W, jnp.zeros(N), x, max_iter=100, grad="implicit",
-                                 adjoint_solver=adjoint_solver, adjoint_max_iter=budget,
-                                 adjoint_tol=tol, adjoint_callback=records.append)
+        grad = Implicit(ADJOINTS[adjoint_solver](budget, tol), callback=records.append)
+        z, _ = fixed_point_layer(f_additive, W, jnp.zeros(N), x, solver=Iterate(100), grad=grad)
         return jnp.dot(WEIGHTS, z)
 
-    z_star, _ = fixed_point_layer(f_additive, W, jnp.zeros(N), x, max_iter=100)
+    z_star, _ = fixed_point_layer(f_additive, W, jnp.zeros(N), x, solver=Iterate(100))
     J = jax.jacobian(lambda z: f_additive(W, z, x))(z_star)
     # A small budget leaves a residual large enough to compare meaningfully.
     budget = 1 if adjoint_solver == "gmres" else 4
@@ -372,8 +378,8 @@ def test_adjoint_callback_is_per_example_with_a_batch_axis():
     records = []
     fb = lambda W, z, xx: jax.vmap(lambda zi, xi: f_additive(W, zi, xi))(z, xx)
     jax.grad(lambda W: jnp.sum(fixed_point_layer(
-        fb, W, jnp.zeros((3, N)), xs, max_iter=40, grad="implicit", adjoint_max_iter=50,
-        adjoint_tol=1e-5, batch_axis=0, adjoint_callback=records.append)[0]))(params["W"])
+        fb, W, jnp.zeros((3, N)), xs, solver=Iterate(40), batch_axis=0,
+        grad=Implicit(Iterate(50, tol=1e-5), callback=records.append))[0]))(params["W"])
     jax.effects_barrier()
     stats = records.pop()
     assert stats["adjoint_residual"].shape == (3,) and stats["adjoint_steps"].shape == (3,)
@@ -382,13 +388,13 @@ def test_adjoint_callback_is_per_example_with_a_batch_axis():
 
 # --------------------------------------------------------------------------- closures
 
-GRADS = ["unroll", "neumann", "implicit", "phantom"]
+GRADS = [Unroll(), Series(2), Implicit(Iterate(40)), Neumann(2, damping=0.7)]
 
 
-@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("grad", GRADS, ids=lambda g: type(g).__name__)
 def test_closed_over_traced_arrays_get_the_explicit_argument_gradient(grad):
     params, x = make_problem()
-    kw = dict(max_iter=40, grad=grad, adjoint_max_iter=40, phantom_steps=2, phantom_damping=0.7)
+    kw = dict(solver=Iterate(40), grad=grad)
 
     def explicit(W, b, x):
         z, _ = fixed_point_layer(lambda p, z, xx: jnp.tanh(p[0] @ z + p[1] + xx), (W, b),
@@ -408,7 +414,7 @@ def test_closed_over_traced_arrays_get_the_explicit_argument_gradient(grad):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("grad", GRADS, ids=lambda g: type(g).__name__)
 def test_closed_over_nnx_module_gets_the_explicit_state_gradient(grad):
     from flax import nnx
 
@@ -416,7 +422,7 @@ def test_closed_over_nnx_module_gets_the_explicit_state_gradient(grad):
     model.kernel[...] = 0.3 * model.kernel[...]
     graphdef, state = nnx.split(model)
     x = jnp.linspace(-1.0, 1.0, N)
-    kw = dict(max_iter=40, grad=grad, adjoint_max_iter=40, phantom_steps=2)
+    kw = dict(solver=Iterate(40), grad=grad)
 
     def explicit(state):
         step = lambda s, z, xx: jnp.tanh(nnx.merge(graphdef, s)(z) + xx)
@@ -453,12 +459,14 @@ def f_scaled_batch(W, z, x, c):
     return jax.vmap(f_scaled, in_axes=(None, 0, 0, 0))(W, z, x, c)
 
 
-@pytest.mark.parametrize("solver", ["iterate", "anderson", "broyden"])
+@pytest.mark.parametrize("solver", [Iterate(80, tol=1e-5), Anderson(80, tol=1e-5, memory=3),
+                                    Broyden(80, tol=1e-5, memory=6)],
+                         ids=lambda s: type(s).__name__)
 def test_batch_axis_gives_each_example_its_own_solve(solver):
     W = slow_problem()
     c = jnp.array([0.2, 0.75, 0.3, 0.25])
     xs = jax.random.normal(jax.random.key(9), (4, N))
-    kw = dict(solver=solver, max_iter=80, tol=1e-5, anderson_memory=3, broyden_memory=6)
+    kw = dict(solver=solver)
     zb, ib = jax.jit(lambda xs: fixed_point_layer(
         f_scaled_batch, W, jnp.zeros((4, N)), xs, c, batch_axis=0, **kw))(xs)
     zv, iv = jax.jit(jax.vmap(lambda x, ci: fixed_point_layer(
@@ -492,7 +500,7 @@ def test_batch_axis_gradients_are_per_example():
     W = slow_problem()
     c = jnp.array([0.2, 0.75, 0.3])
     xs = jax.random.normal(jax.random.key(9), (3, N))
-    kw = dict(max_iter=60, tol=1e-5, grad="implicit", adjoint_max_iter=60, adjoint_tol=1e-6)
+    kw = dict(solver=Iterate(60, tol=1e-5), grad=Implicit(Iterate(60, tol=1e-6)))
     gb = jax.grad(lambda xs: jnp.sum(fixed_point_layer(
         f_scaled_batch, W, jnp.zeros((3, N)), xs, c, batch_axis=0, **kw)[0] * WEIGHTS))(xs)
     for i in range(3):

@@ -1,4 +1,4 @@
-"""fixed_point_layer's option objects, the string form, and what happens when a solve fails.
+"""fixed_point_layer's option objects and what happens when a solve fails.
 
 References are written from the definitions (dense Jacobians, closed forms); the layer's own
 internals are never used to compute an expected value.
@@ -19,7 +19,7 @@ from fixed_slots.fixed_point import (
     Implicit,
     Iterate,
     Neumann,
-    Phantom,
+    Series,
     Unroll,
     fixed_point_layer,
 )
@@ -61,11 +61,11 @@ def dense_jacobian(W, z, x):
     (lambda: GMRES(restart=0), "GMRES: restart must be a positive int"),
     (lambda: Unroll(checkpoint="yes"), "Unroll: checkpoint must be True or False"),
     (lambda: Neumann(order=0), "Neumann: order must be a positive int"),
+    (lambda: Neumann(damping=2.0), r"Neumann: damping must be in \(0, 1\]"),
+    (lambda: Series(order=0), "Series: order must be a positive int"),
     (lambda: Implicit(adjoint="gmres"), "Implicit: adjoint must be Iterate, Anderson, Broyden"),
     (lambda: Implicit(on_failure="ignore"), "Implicit: on_failure must be one of fallback, nan"),
     (lambda: Implicit(callback=3), "Implicit: callback must be callable"),
-    (lambda: Phantom(steps=0), "Phantom: steps must be a positive int"),
-    (lambda: Phantom(damping=2.0), r"Phantom: damping must be in \(0, 1\]"),
 ])
 def test_objects_validate_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
@@ -86,11 +86,11 @@ def test_integer_like_options_are_accepted():
     W, x = make_problem()
     solver = Iterate(max_iter=np.int64(5), tol=np.float32(1e-3))
     assert type(solver.max_iter) is int and type(solver.tol) is float
-    assert Neumann(order=np.int32(2)).order == 2
-    z1, info1 = fixed_point_layer(f_additive, W, jnp.zeros(N), x, max_iter=np.int64(5),
-                                  neumann_order=np.int64(2))
+    assert Series(order=np.int32(2)).order == 2
+    z1, info1 = fixed_point_layer(f_additive, W, jnp.zeros(N), x, solver=Iterate(np.int64(5)),
+                                  grad=Series(np.int64(2)))
     z2, info2 = fixed_point_layer(f_additive, W, jnp.zeros(N), x, solver=Iterate(5),
-                                  grad=Neumann(2))
+                                  grad=Series(2))
     np.testing.assert_array_equal(z1, z2)
     assert info1.residuals.shape == (5,)
     zb, _ = fixed_point_layer(f_additive, W, jnp.zeros((2, N)), jnp.stack([x, x]),
@@ -103,7 +103,7 @@ def test_traced_options_are_refused_with_a_clear_message():
 
     @jax.jit
     def with_traced_tol(tol):
-        return fixed_point_layer(f_additive, W, jnp.zeros(N), x, tol=tol)[0]
+        return fixed_point_layer(f_additive, W, jnp.zeros(N), x, solver=Iterate(tol=tol))[0]
 
     with pytest.raises(ValueError, match="tol must be a static Python number, not a traced"):
         with_traced_tol(1e-3)
@@ -115,17 +115,17 @@ def test_traced_options_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="max_iter must be a static Python int, not a traced"):
         with_traced_budget(4)
     # The supported way: a static argument.
-    z = jax.jit(lambda x, tol: fixed_point_layer(f_additive, W, jnp.zeros(N), x, tol=tol,
-                                                 max_iter=50)[0], static_argnums=1)(x, 1e-4)
+    z = jax.jit(lambda x, tol: fixed_point_layer(f_additive, W, jnp.zeros(N), x,
+                                                 solver=Iterate(50, tol=tol))[0],
+                static_argnums=1)(x, 1e-4)
     assert z.shape == (N,)
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"solver": Iterate(), "max_iter": 3}, "flat option.* max_iter belong to the string form"),
-    ({"grad": Implicit(), "adjoint_max_iter": 3}, "flat option.*adjoint_max_iter"),
-    ({"max_iters": 3}, "unknown option.* max_iters"),
+    ({"solver": Iterate(), "max_iter": 3}, "flat option max_iter= was removed"),
+    ({"grad": Implicit(), "adjoint_max_iter": 3}, "flat option adjoint_max_iter= was removed"),
     ({"solver": GMRES()}, "GMRES solves the linear adjoint only"),
-    ({"grad": Iterate()}, "grad must be Unroll, Neumann, Implicit, Phantom"),
+    ({"grad": Iterate()}, "grad must be Unroll, Neumann, Series or Implicit"),
     ({"probe": jnp.zeros(2)}, r"probe must be a float array of shape \[3\]"),
     ({"probe": jnp.zeros(3, jnp.int32)}, r"probe must be a float array"),
 ])
@@ -133,36 +133,6 @@ def test_bad_combinations_raise_clear_errors(kwargs, message):
     W, x = make_problem()
     with pytest.raises(ValueError, match=message):
         fixed_point_layer(f_additive, W, jnp.zeros(N), x, **kwargs)
-
-
-@pytest.mark.parametrize("strings,objects", [
-    (dict(solver="anderson", max_iter=9, tol=1e-4, anderson_memory=3, grad="implicit",
-          adjoint_solver="broyden", adjoint_max_iter=11, broyden_memory=4),
-     dict(solver=Anderson(9, 1e-4, memory=3), grad=Implicit(Broyden(11, memory=4)))),
-    (dict(solver="iterate", max_iter=6, damping=0.7, grad="implicit"),
-     dict(solver=Iterate(6, damping=0.7), grad=Implicit(Iterate(6)))),
-    (dict(solver="broyden", max_iter=8, grad="implicit", adjoint_solver="gmres",
-          adjoint_max_iter=2),
-     dict(solver=Broyden(8), grad=Implicit(GMRES(max_iter=2, tol=1e-6)))),
-    (dict(grad="neumann", neumann_order=3, max_iter=5),
-     dict(solver=Iterate(5), grad=Neumann(3))),
-    (dict(grad="phantom", phantom_steps=2, phantom_damping=0.5, max_iter=5),
-     dict(solver=Iterate(5), grad=Phantom(2, 0.5))),
-    (dict(grad="unroll", max_iter=4), dict(solver=Iterate(4), grad=Unroll())),
-])
-def test_string_form_is_the_same_call_as_the_objects(strings, objects):
-    W, x = make_problem()
-
-    def loss(W, x, kw):
-        z, info = fixed_point_layer(f_additive, W, jnp.zeros(N), x, **kw)
-        return jnp.dot(WEIGHTS, z), info
-
-    (v1, i1), g1 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(W, x, strings)
-    (v2, i2), g2 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(W, x, objects)
-    np.testing.assert_array_equal(v1, v2)
-    np.testing.assert_array_equal(i1.residuals, i2.residuals)
-    for a, b in zip(g1, g2):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_info_has_a_converged_status_and_three_field_construction_still_works():
@@ -236,9 +206,9 @@ def test_probe_is_per_example_and_works_under_vmap():
 
 
 @pytest.mark.parametrize("order", [1, 3])
-def test_probe_under_neumann_reports_the_truncation_residual(order):
+def test_probe_under_series_reports_the_truncation_residual(order):
     W, x = make_problem(contraction=0.9)
-    u, stats = _probe_grad(W, x, jnp.zeros(3), solver=Iterate(100), grad=Neumann(order))
+    u, stats = _probe_grad(W, x, jnp.zeros(3), solver=Iterate(100), grad=Series(order))
     z_star, _ = fixed_point_layer(f_additive, W, jnp.zeros(N), x, solver=Iterate(100))
     J = dense_jacobian(W, z_star, x)
     # u = g (I + ... + J^(K-1)), so u (I - J) - g = -g J^K.
@@ -248,7 +218,7 @@ def test_probe_under_neumann_reports_the_truncation_residual(order):
     assert float(stats[1]) == order - 1 and float(stats[2]) == 0.0
 
 
-@pytest.mark.parametrize("grad", [Unroll(), Phantom(2)])
+@pytest.mark.parametrize("grad", [Unroll(), Neumann(2)])
 def test_probe_is_zero_where_there_is_no_adjoint_solve(grad):
     W, x = make_problem()
     _, stats = _probe_grad(W, x, jnp.zeros(3), solver=Iterate(10), grad=grad)
@@ -275,7 +245,7 @@ def test_diverging_adjoint_is_never_silent(monkeypatch):
     monkeypatch.setattr(layer_module, "_fallback_count", [0])
     # The exact gradient: z* = -x / (a - 1), dz*/da = x / (a - 1)^2, summed over 3 entries.
     exact = 3.0
-    with pytest.warns(RuntimeWarning, match="adjoint solve failed for 1 example.*Neumann-1"):
+    with pytest.warns(RuntimeWarning, match=r"adjoint solve failed for 1 example.*first-order gradient \(u = g\)"):
         g, stats = _repro(Implicit())  # default: iterate adjoint, on_failure="fallback"
         jax.effects_barrier()
     # Fallback: the first-order term u = g, i.e. dL/da = sum(z*) = -3, flagged.

@@ -17,7 +17,7 @@ from fixed_slots.fixed_point import (
     Implicit,
     Iterate,
     Neumann,
-    Phantom,
+    Series,
     Unroll,
     fixed_point_layer,
 )
@@ -43,8 +43,8 @@ def f(params, z, x):  # z, x: [N] or [batch, N]
 
 CASES = [
     (Iterate(12), Unroll()),
+    (Iterate(12), Series(2)),
     (Iterate(12), Neumann(2)),
-    (Iterate(12), Phantom(2)),
     (Iterate(12), Implicit(Iterate(12))),
     (Anderson(12, tol=1e-5, memory=3), Implicit(Anderson(12, tol=1e-6, memory=3))),
     (Broyden(12, tol=1e-5, memory=4), Implicit(Broyden(12, memory=4))),
@@ -95,7 +95,7 @@ def _penalty(params, x, solver, grad):
 
 
 EXACT = [Implicit(Iterate(90)), Implicit(GMRES(max_iter=3, tol=1e-12)),
-         Implicit(Anderson(60, tol=1e-13)), Neumann(70)]
+         Implicit(Anderson(60, tol=1e-13)), Series(70)]
 
 
 @pytest.mark.parametrize("grad", EXACT, ids=lambda g: repr(g)[:40])
@@ -112,7 +112,7 @@ def test_reverse_over_reverse_matches_autodiff_of_a_long_unroll(grad):
             np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
 
-@pytest.mark.parametrize("grad", EXACT[:1] + EXACT[-1:], ids=["implicit", "neumann"])
+@pytest.mark.parametrize("grad", EXACT[:1] + EXACT[-1:], ids=["implicit", "series"])
 def test_forward_over_reverse_matches_autodiff_of_a_long_unroll(grad):
     with jax.enable_x64(True):
         params, x = make_problem(jnp.float64)
@@ -125,8 +125,8 @@ def test_forward_over_reverse_matches_autodiff_of_a_long_unroll(grad):
         np.testing.assert_allclose(hvp(grad), hvp(Unroll()), rtol=1e-8, atol=1e-11)
 
 
-def test_first_order_neumann_is_stop_gradient_at_every_order():
-    """Neumann(1) is f(stop_gradient(z)): its second derivative treats z as a constant too."""
+def test_first_order_series_is_stop_gradient_at_every_order():
+    """Series(1) is f(stop_gradient(z)): its second derivative treats z as a constant too."""
     with jax.enable_x64(True):
         params, x = make_problem(jnp.float64)
         T = 6
@@ -141,7 +141,7 @@ def test_first_order_neumann_is_stop_gradient_at_every_order():
         def reference(params, x):
             return jnp.sum(jax.grad(reference_loss, argnums=1)(params, x) ** 2)
 
-        got = jax.grad(_penalty, argnums=(0, 1))(params, x, Iterate(T), Neumann(1))
+        got = jax.grad(_penalty, argnums=(0, 1))(params, x, Iterate(T), Series(1))
         ref = jax.grad(reference, argnums=(0, 1))(params, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)

@@ -4,16 +4,17 @@ Forward: a solver object (Iterate, Anderson, Broyden; options.py) runs up to `ma
 evaluations of f; the output is f(x) at the last (or, with return_best, the lowest-residual)
 evaluation point x. Backward, chosen by the gradient object:
   Unroll    autodiff through every iteration (vanilla slot attention; optionally checkpointed).
-  Neumann   u = g (I + J + ... + J^(K-1)), J = df/dz at x. K = 1 is the paper's first-order
-            estimator: exactly the gradient of `f(params, stop_gradient(x), *args)`.
+  Neumann   the paper's estimator: autodiff through K (damped) updates from the detached
+            solution; K = 1 is its "one extra line" `step(stop_gradient(z))`.
+  Series    u = g (I + J + ... + J^(K-1)), J = df/dz at x. K = 1 is exactly the gradient of
+            `f(params, stop_gradient(x), *args)`.
   Implicit  solve the adjoint u = g + u J with an adjoint solver (implicit function theorem).
-  Phantom   autodiff through K damped steps from the detached solution.
-For Neumann/Implicit the output's cotangent is mapped to params, args and closed-over arrays;
+For Series/Implicit the output's cotangent is mapped to params, args and closed-over arrays;
 z0 gets a zero cotangent, since the fixed point does not depend on where the solver started.
 
-How Neumann/Implicit are differentiated (two custom rules, so every order of reverse mode works):
+How Series/Implicit are differentiated (two custom rules, so every order of reverse mode works):
   `_solve_point`    custom_jvp: the forward solve (a while_loop, never taped); its tangent is
-                    dx = (I - J)^-1 f_w dw (Implicit) or the truncated series (Neumann), so
+                    dx = (I - J)^-1 f_w dw (Implicit) or the truncated series (Series), so
                     differentiating *through* the backward pass below sees the fixed point move.
   `_implicit_layer` custom_vjp: first-order reverse mode with O(1) memory in the iterations
                     (saves params, args and x; recomputes f at x), the adjoint statistics into
@@ -42,8 +43,9 @@ from fixed_slots.fixed_point._solvers import make_stepper
 from fixed_slots.fixed_point.options import (
     Gradient,
     Implicit,
+    Iterate,
     Neumann,
-    Phantom,
+    Series,
     Unroll,
 )
 
@@ -207,11 +209,11 @@ def _solve_point_jvp(fn, plan: _Plan, primals, tangents):
         return flatten(jax.jvp(lambda z: state(params, z, args, consts), (x,), (unflatten(v),))[1])
 
     grad = plan.grad
-    if isinstance(grad, Neumann) and grad.order == 1:
+    if isinstance(grad, Series) and grad.order == 1:
         dx, dz = _zero_tangent(x), b  # first order: x is treated as a constant
     else:
         b_flat = flatten(b)
-        if isinstance(grad, Neumann):  # dz = (I + ... + J^(K-1)) b = b + J dx
+        if isinstance(grad, Series):  # dz = (I + ... + J^(K-1)) b = b + J dx
             dx_flat, _ = _adjoint.neumann_series(A, b_flat, grad.order - 1, with_stats=False)
         else:
             dx_flat, _ = _adjoint.linear_solve(A, b_flat, grad.adjoint)
@@ -243,7 +245,7 @@ def _implicit_bwd(fn, plan: _Plan, residuals, cotangents):
 
     grad = plan.grad
     want_stats = plan.with_probe or (isinstance(grad, Implicit) and grad.callback is not None)
-    if isinstance(grad, Neumann):
+    if isinstance(grad, Series):
         u, stats = _adjoint.neumann_series(A, g, grad.order, with_stats=want_stats)
     else:
         u, stats = _adjoint.linear_solve(A, g, grad.adjoint)
@@ -288,7 +290,7 @@ def _warn_fallback(num_failed, residual) -> None:
     warnings.warn(
         f"fixed_point_layer: the implicit adjoint solve failed for {int(num_failed)} example(s) "
         f"(relative residual {float(residual):.3g}: diverging, typically because the spectral "
-        "radius of df/dz is >= 1); the first-order (Neumann-1) gradient was used for them. "
+        "radius of df/dz is >= 1); the first-order gradient (u = g) was used for them. "
         f"{count} failed backward pass(es) so far; next warning at {10 * count}. Use "
         "Implicit(adjoint=GMRES(...)) or a contractive f; the probe reports every solve.",
         RuntimeWarning, stacklevel=2)
@@ -341,14 +343,14 @@ def fixed_point_layer(
     params: PyTree,
     z0: PyTree,
     *args: Any,
-    solver: options.ForwardSolver | str = "iterate",
-    grad: Gradient | str = "neumann",
+    solver: options.ForwardSolver = Iterate(),
+    grad: Gradient = Series(),
     batch_axis: int | None = None,
     return_best: bool = False,
     has_aux: bool = False,
     probe: jax.Array | None = None,
     throw: bool = False,
-    **string_options: Any,
+    **removed_options: Any,
 ) -> tuple[PyTree, FixedPointInfo]:
     """Finds z* = f(params, z*, *args) and returns (z*, info), differentiable per `grad`.
 
@@ -356,10 +358,9 @@ def fixed_point_layer(
       f: pure function `f(params, z, *args) -> z` (or `(z, aux)` with has_aux) over pytrees.
         It may close over arrays; those get gradients too (closure conversion).
       params, z0, *args: pytrees. params and args receive cotangents; z0 is the initial state.
-      solver: Iterate(max_iter, tol, damping) | Anderson(...) | Broyden(...), or a name with
-        string_options (below).
-      grad: Unroll(checkpoint) | Neumann(order) | Implicit(adjoint, on_failure, callback) |
-        Phantom(steps, damping), or a name with string_options.
+      solver: Iterate(max_iter, tol, damping) | Anderson(...) | Broyden(...).
+      grad: Unroll(checkpoint) | Neumann(order, damping) | Series(order) |
+        Implicit(adjoint, on_failure, callback).
       batch_axis: the axis of every state leaf that indexes independent examples; residuals,
         solver memory, stopping and adjoint statistics are then per example. None treats z as
         one problem.
@@ -369,17 +370,17 @@ def fixed_point_layer(
       probe: optional float array [3] ([batch, 3] with batch_axis), e.g. zeros. Its cotangent
         is set by the backward pass to (adjoint relative residual ||u (I - J) - g|| / ||g||,
         adjoint steps, failed 0/1): `jax.grad` with respect to the probe returns the adjoint
-        solve's outcome (Implicit and Neumann; zeros for Unroll and Phantom). Its value is unused.
+        solve's outcome (Implicit and Series; zeros for Unroll and Neumann). Its value is unused.
       throw: raise at run time when the forward solve did not converge (info.converged false).
-      **string_options: the string form's flat options (max_iter, tol, damping, anderson_memory,
-        anderson_mixing, broyden_memory, neumann_order, adjoint_solver, adjoint_max_iter,
-        adjoint_tol, adjoint_on_failure, phantom_steps, phantom_damping, adjoint_callback);
-        only with string solver and grad.
+      **removed_options: the flat options of the removed string form (max_iter=, tol=, ...)
+        are refused with a message naming the object that owns each now.
 
     Returns:
       (z_star, info) or ((z_star, aux), info) with has_aux; info is a FixedPointInfo.
     """
-    solver, grad = options.resolve(solver, grad, string_options)
+    options.check_call(solver, grad, removed_options)
+    if isinstance(grad, Implicit) and grad.adjoint is None:
+        grad = dataclasses.replace(grad, adjoint=Iterate(solver.max_iter))
     if batch_axis is not None:
         batch_axis = options._static_int("fixed_point_layer", "batch_axis", batch_axis,
                                          minimum=-(2 ** 31))
@@ -396,11 +397,11 @@ def fixed_point_layer(
         _, z_out, aux, result = _solve(fn, plan, params, z0, args, (), differentiable=True,
                                        checkpoint=grad.checkpoint)
         info = _info(result, plan)
-    elif isinstance(grad, Phantom):
+    elif isinstance(grad, Neumann):
         _, z_out, aux, result = _solve(
             fn, plan, *jax.lax.stop_gradient((params, z0, args)), (), differentiable=False)
         z = jax.lax.stop_gradient(z_out)
-        for _ in range(grad.steps):
+        for _ in range(grad.order):
             fz, aux = fn(params, z, args)
             z = jax.tree.map(lambda zi, fi: (1.0 - grad.damping) * zi + grad.damping * fi, z, fz)
         z_out = z

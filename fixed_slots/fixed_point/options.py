@@ -5,15 +5,15 @@
                       grad=Implicit(adjoint=Broyden(max_iter=30, tol=1e-6)))
 
 Forward solvers: `Iterate`, `Anderson`, `Broyden`. Adjoint solvers (inside `Implicit`): those
-three and `GMRES`. Gradients: `Unroll`, `Neumann`, `Implicit`, `Phantom`. All are frozen
-dataclasses validated at construction (a bad value raises ValueError naming the class and the
-option); `dataclasses.replace(obj, max_iter=...)` re-validates. Options are static: they shape
-the compiled program, so a traced value (an argument of a jitted function) is refused with a
-message saying so; integer-like values (numpy integers) are accepted.
+three and `GMRES`. Gradients: `Unroll`, `Neumann` (the paper's estimator: backpropagation
+through K updates), `Series` (the truncated series at the fixed point), `Implicit`. All are
+frozen dataclasses validated at construction (a bad value raises ValueError naming the class
+and the option); `dataclasses.replace(obj, max_iter=...)` re-validates. Options are static:
+they shape the compiled program, so a traced value (an argument of a jitted function) is
+refused with a message saying so; integer-like values (numpy integers) are accepted.
 
-`resolve` turns the string form (`solver="anderson", max_iter=30, grad="implicit",
-adjoint_solver="gmres", ...`: config strings and the original flat keyword arguments) into these
-objects; it is the only place the string form is interpreted.
+`check_call` is where the layer refuses what it no longer takes (the flat string form).
+Config strings (`neumann1`, `IB`, ...) become these objects in modes.py, the only place.
 """
 from __future__ import annotations
 
@@ -24,9 +24,6 @@ from typing import Any, Callable, Union
 
 import jax
 
-SOLVERS = ("iterate", "anderson", "broyden")
-GRAD_MODES = ("unroll", "neumann", "implicit", "phantom")
-ADJOINT_SOLVERS = ("iterate", "anderson", "broyden", "gmres")
 ON_FAILURE = ("fallback", "nan", "raise")
 
 
@@ -192,16 +189,18 @@ class Unroll:
 
 
 @dataclasses.dataclass(frozen=True)
-class Neumann:
+class Series:
     """Truncated Neumann series at the solution: u = g (I + J + ... + J^(order-1)).
 
-    order=1 is the paper's first-order estimator: exactly the gradient of
-    f(params, stop_gradient(z), *args) at the last evaluation point z.
+    The backward pass of one differentiated update at the last evaluation point x, with J frozen
+    at x (custom rules, O(1) memory in the iterations). order=1 is exactly the gradient of
+    f(params, stop_gradient(x), *args); for order > 1 it is another approximation than
+    `Neumann(order)` (which differentiates `order` further updates).
     """
     order: int = 1
 
     def __post_init__(self) -> None:
-        _set(self, order=_static_int("Neumann", "order", self.order))
+        _set(self, order=_static_int("Series", "order", self.order))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,117 +233,76 @@ class Implicit:
 
 
 @dataclasses.dataclass(frozen=True)
-class Phantom:
-    """Phantom gradient: backpropagation through `steps` damped steps from the detached solution.
+class Neumann:
+    """The paper's order-K Neumann estimator: backpropagation through `order` updates from the
+    detached solution (Chang et al. 2022, Fig. 11: "higher-order Neumann approximations require
+    backpropagating through more iterations").
 
-    z <- (1 - damping) z + damping f(z), k = steps times, differentiated by autodiff; the value
-    includes those steps. Phantom(steps=K, damping=1.0) is the paper's Fig. 11 order K.
+    After the solver's evaluations (no gradient), z <- (1 - damping) z + damping f(z) runs
+    `order` times under plain autodiff; the value includes those updates. Neumann(order=1) is the
+    paper's "one extra line", `z = step(stop_gradient(z))` after the solver's T updates.
+    damping < 1 is torchdeq's phantom gradient (Geng et al. 2021).
     """
-    steps: int = 1
+    order: int = 1
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        _set(self, steps=_static_int("Phantom", "steps", self.steps),
-             damping=_unit_interval("Phantom", "damping", self.damping))
+        _set(self, order=_static_int("Neumann", "order", self.order),
+             damping=_unit_interval("Neumann", "damping", self.damping))
 
 
-Gradient = Union[Unroll, Neumann, Implicit, Phantom]
-_GRADIENT_TYPES = (Unroll, Neumann, Implicit, Phantom)
+Gradient = Union[Unroll, Neumann, Series, Implicit]
+_GRADIENT_TYPES = (Unroll, Neumann, Series, Implicit)
 
 
-# --------------------------------------------------------------------------- the string form
+# --------------------------------------------------------------------------- refused forms
 
-_SOLVER_KEYS = ("max_iter", "tol", "damping", "anderson_memory", "anderson_mixing",
-                "broyden_memory")
-_GRAD_KEYS = ("neumann_order", "adjoint_solver", "adjoint_max_iter", "adjoint_tol",
-              "adjoint_on_failure", "phantom_steps", "phantom_damping", "adjoint_callback")
-STRING_OPTIONS = _SOLVER_KEYS + _GRAD_KEYS
-_INT_KEYS = ("max_iter", "anderson_memory", "broyden_memory", "neumann_order", "adjoint_max_iter",
-             "phantom_steps")
-_UNIT_KEYS = ("damping", "anderson_mixing", "phantom_damping")
+# The flat keyword arguments of the removed string form -> the object that owns each now.
+_FLAT_OPTIONS = {
+    "max_iter": "solver=Iterate(max_iter=...) (or Anderson/Broyden)",
+    "tol": "solver=Iterate(tol=...)",
+    "damping": "solver=Iterate(damping=...)",
+    "anderson_memory": "solver=Anderson(memory=...)",
+    "anderson_mixing": "solver=Anderson(mixing=...)",
+    "broyden_memory": "solver=Broyden(memory=...)",
+    "neumann_order": "grad=Series(order=...) (the series the old neumann_order set; "
+                     "Neumann(order) is now the paper's estimator)",
+    "adjoint_solver": "grad=Implicit(adjoint=GMRES(...)) (or Iterate/Anderson/Broyden)",
+    "adjoint_max_iter": "grad=Implicit(adjoint=GMRES(max_iter=...))",
+    "adjoint_tol": "grad=Implicit(adjoint=GMRES(tol=...))",
+    "adjoint_on_failure": "grad=Implicit(on_failure=...)",
+    "adjoint_callback": "grad=Implicit(callback=...)",
+    "phantom_steps": "grad=Neumann(order=...) (Phantom was renamed Neumann)",
+    "phantom_damping": "grad=Neumann(damping=...) (Phantom was renamed Neumann)",
+}
+_GRAD_NAMES = {
+    "unroll": "Unroll()",
+    "neumann": "Series(order) (the truncated series grad='neumann' meant; Neumann(order) is now "
+               "the paper's estimator, backpropagation through K updates)",
+    "series": "Series(order)",
+    "phantom": "Neumann(order, damping) (Phantom was renamed Neumann)",
+    "implicit": "Implicit(adjoint=...)",
+}
 
 
-def resolve(solver: Any, grad: Any, options: dict[str, Any]
-            ) -> tuple[ForwardSolver, Gradient]:
-    """(solver, grad, flat options) of a `fixed_point_layer` call -> (solver, gradient) objects.
-
-    Strings with flat options are the compatibility form; objects carry their own options, so
-    flat options next to an object are refused (they would be silently ambiguous). Flat options
-    that do not apply to the named solver or gradient (adjoint_max_iter with grad="neumann")
-    are validated and ignored, so that one set of config options serves every mode.
-    """
+def check_call(solver: Any, grad: Any, flat_options: dict[str, Any]) -> None:
+    """Refuses the removed string form with one message naming the object to use."""
     owner = "fixed_point_layer"
-    unknown = sorted(set(options) - set(STRING_OPTIONS))
-    if unknown:
-        raise _bad(owner, f"unknown option(s) {', '.join(unknown)}; the string form accepts "
-                          f"{', '.join(STRING_OPTIONS)}")
-    uses_objects = not isinstance(solver, str) or not isinstance(grad, str)
-    if options and uses_objects:
-        raise _bad(owner, f"flat option(s) {', '.join(sorted(options))} belong to the string "
-                          "form (solver='iterate', grad='neumann', ...); with solver/grad "
-                          "objects set them on the objects, e.g. Iterate(max_iter=...), "
-                          "Implicit(adjoint=Broyden(max_iter=...))")
-    o = dict(options)
-    for name, value in o.items():  # errors name the flat option the caller wrote
-        if name in _INT_KEYS:
-            o[name] = _static_int(owner, name, value) if value is not None else None
-        elif name in ("tol", "adjoint_tol"):
-            o[name] = _tol(owner, value, name)
-        elif name in _UNIT_KEYS:
-            o[name] = _unit_interval(owner, name, value)
-    if o.get("adjoint_on_failure", "fallback") not in ON_FAILURE:
-        raise _bad(owner, f"adjoint_on_failure must be one of {', '.join(ON_FAILURE)}, got "
-                          f"{o['adjoint_on_failure']!r}")
-    if o.get("adjoint_solver", "iterate") not in ADJOINT_SOLVERS:
-        raise _bad(owner, f"unknown adjoint_solver {o['adjoint_solver']!r}; valid: "
-                          f"{', '.join(ADJOINT_SOLVERS)}")
-    max_iter = o.get("max_iter", 7)
-    anderson = dict(memory=o.get("anderson_memory", 5), mixing=o.get("anderson_mixing", 1.0))
-    broyden = dict(memory=o.get("broyden_memory", 30))
-
+    for name in flat_options:
+        hint = _FLAT_OPTIONS.get(name)
+        if hint is not None:
+            raise _bad(owner, f"the flat option {name}= was removed with the string form; use "
+                              f"{hint}")
+        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
     if isinstance(solver, str):
-        tol = o.get("tol")
-        if solver == "iterate":
-            solver = Iterate(max_iter, tol, o.get("damping", 1.0))
-        elif solver == "anderson":
-            solver = Anderson(max_iter, tol, **anderson)
-        elif solver == "broyden":
-            solver = Broyden(max_iter, tol, **broyden)
-        else:
-            raise _bad(owner, f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
-    elif not isinstance(solver, _FORWARD_TYPES):
+        name = {"iterate": "Iterate", "anderson": "Anderson", "broyden": "Broyden"}.get(solver)
+        use = f"solver={name}(max_iter=...)" if name else "Iterate, Anderson or Broyden"
+        raise _bad(owner, f"solver={solver!r}: the string form was removed; use {use}")
+    if not isinstance(solver, _FORWARD_TYPES):
         hint = " (GMRES solves the linear adjoint only)" if isinstance(solver, GMRES) else ""
-        raise _bad(owner, f"solver must be Iterate, Anderson, Broyden or one of the names "
-                          f"{', '.join(SOLVERS)}; got {solver!r}{hint}")
-
+        raise _bad(owner, f"solver must be Iterate, Anderson or Broyden; got {solver!r}{hint}")
     if isinstance(grad, str):
-        if grad == "unroll":
-            grad = Unroll()
-        elif grad == "neumann":
-            grad = Neumann(o.get("neumann_order", 1))
-        elif grad == "phantom":
-            grad = Phantom(o.get("phantom_steps", 1), o.get("phantom_damping", 1.0))
-        elif grad == "implicit":
-            name = o.get("adjoint_solver", "iterate")
-            budget = o.get("adjoint_max_iter")
-            budget = max_iter if budget is None else budget
-            tol = o.get("adjoint_tol")
-            if name == "iterate":
-                adjoint = Iterate(budget, tol)
-            elif name == "anderson":
-                adjoint = Anderson(budget, tol, **anderson)
-            elif name == "broyden":
-                adjoint = Broyden(budget, tol, **broyden)
-            else:
-                adjoint = GMRES(budget, 1e-6 if tol is None else tol)
-            grad = Implicit(adjoint, on_failure=o.get("adjoint_on_failure", "fallback"),
-                            callback=o.get("adjoint_callback"))
-        else:
-            raise _bad(owner, f"unknown grad {grad!r}; valid gradient modes: "
-                              f"{', '.join(GRAD_MODES)}")
-    elif not isinstance(grad, _GRADIENT_TYPES):
-        raise _bad(owner, f"grad must be Unroll, Neumann, Implicit, Phantom or one of the names "
-                          f"{', '.join(GRAD_MODES)}; got {grad!r}")
-    if isinstance(grad, Implicit) and grad.adjoint is None:
-        grad = dataclasses.replace(grad, adjoint=Iterate(solver.max_iter))
-    return solver, grad
+        use = _GRAD_NAMES.get(grad, "Unroll, Neumann, Series or Implicit")
+        raise _bad(owner, f"grad={grad!r}: the string form was removed; use grad={use}")
+    if not isinstance(grad, _GRADIENT_TYPES):
+        raise _bad(owner, f"grad must be Unroll, Neumann, Series or Implicit; got {grad!r}")

@@ -20,7 +20,7 @@ from fixed_slots.fixed_point.modes import VALID_GRAD_MODES
 from fixed_slots.fixed_point.options import ON_FAILURE
 from fixed_slots.models.protocol import FixedPointStep, SlotEncoding, SlotModel
 from fixed_slots.modules.norms import layer_norm
-from fixed_slots.modules.slot_attention import SlotAttention, fixed_point_mode
+from fixed_slots.modules.slot_attention import SlotAttention
 
 _xavier = nnx.initializers.xavier_uniform()
 _kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
@@ -63,11 +63,9 @@ def check_slot_attention_config(config: ml_collections.ConfigDict) -> None:
         parse_grad_mode(config.grad)
     except ValueError as e:
         raise ConfigError(f"config.grad: {e}") from None
-    options = fixed_point_options(config)
     try:
-        mode = fixed_point_mode(config.grad, options)
-        mode.layer_options(config.slot_attention.num_iterations,
-                           **{k: v for k, v in options.items() if k != "adjoint_solver"})
+        parse_grad_mode(config.grad).layer_options(config.slot_attention.num_iterations,
+                                                   **fixed_point_options(config))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.grad={config.grad!r} with config.slot_attention.fixed_point: "
                           f"{e}") from None
@@ -80,8 +78,8 @@ def check_slot_attention_config(config: ml_collections.ConfigDict) -> None:
 def reports_adjoint(config: ml_collections.ConfigDict) -> bool:
     """Whether config.grad solves or sums an adjoint in the backward pass (implicit, IB, BB,
     seriesK, BN): the train step then hands the model a probe whose cotangent reports it."""
-    mode = fixed_point_mode(config.grad, fixed_point_options(config))
-    return mode.grad in ("implicit", "neumann")  # "neumann": the layer's series gradient
+    # The estimators with an adjoint solve or sum (Implicit, Series) fill the probe.
+    return parse_grad_mode(config.grad).grad in ("implicit", "series")
 
 
 def fixed_point_options(config: ml_collections.ConfigDict) -> dict:

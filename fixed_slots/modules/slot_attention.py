@@ -7,20 +7,13 @@ state with `nnx.split` and hands it to `fixed_point_layer` explicitly, so the gr
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fixed_slots.fixed_point import (
-    ADJOINT_SOLVERS,
-    FixedPointInfo,
-    GradMode,
-    fixed_point_layer,
-    parse_grad_mode,
-)
+from fixed_slots.fixed_point import FixedPointInfo, fixed_point_layer, parse_grad_mode
 from fixed_slots.modules.dtypes import at_least_float32
 from fixed_slots.modules.norms import layer_norm
 
@@ -109,22 +102,6 @@ class SlotAttentionStep(nnx.Module):
         return new.astype(slots.dtype), attn_vis
 
 
-def fixed_point_mode(grad: str, options: Mapping[str, Any] | None = None) -> GradMode:
-    """The grad mode of a config string, with `options["adjoint_solver"]` (if given) replacing
-    the mode's adjoint solver; only the implicit modes (implicit, IB, BB) solve an adjoint."""
-    mode = parse_grad_mode(grad)
-    adjoint = (options or {}).get("adjoint_solver")
-    if adjoint is None:
-        return mode
-    if mode.grad != "implicit":
-        raise ValueError(f"adjoint_solver={adjoint!r} applies to the modes that solve an adjoint "
-                         f"(implicit, IB, BB), not grad={grad!r}")
-    if adjoint not in ADJOINT_SOLVERS:
-        raise ValueError(f"unknown adjoint_solver {adjoint!r}; valid: "
-                         f"{', '.join(ADJOINT_SOLVERS)}")
-    return dataclasses.replace(mode, adjoint_solver=adjoint)
-
-
 class SlotAttention(nnx.Module):
     """Locatello et al.'s slot attention with learned Gaussian slot initialisation.
 
@@ -132,10 +109,10 @@ class SlotAttention(nnx.Module):
     paper's Table 2 names "IN", "IB", "BN", "BB". `num_iterations` is the paper's T: unroll runs T
     differentiated updates; the implicit modes run T updates without gradient and then their
     differentiated update(s) (T + 1, or T + K for neumannK; see fixed_slots.fixed_point.modes).
-    `fixed_point_options` are the solver knobs the mode leaves open, in the layer's string form
-    (tol, damping, anderson_memory, broyden_memory, adjoint_max_iter, adjoint_tol,
-    adjoint_on_failure), plus `adjoint_solver` for the implicit modes; they become the layer's
-    solver and gradient objects once, here, and a clash with the mode is a ValueError.
+    `fixed_point_options` are the solver knobs the mode leaves open: the keys of
+    `config.slot_attention.fixed_point` (tol, damping, anderson_memory, broyden_memory,
+    adjoint_solver, adjoint_max_iter, adjoint_tol, adjoint_on_failure); `GradMode.layer_options`
+    turns them and the mode into the layer's solver and gradient objects once, here.
     `__call__(..., adjoint_probe=z)` with z = zeros [B, 3]: the cotangent of z is the backward
     solve's (relative residual, steps, failed) per example (implicit modes; zeros otherwise).
     """
@@ -160,9 +137,8 @@ class SlotAttention(nnx.Module):
         self.num_heads = num_heads
         self.num_iterations = num_iterations
         self.eval_num_iterations = eval_num_iterations or num_iterations
-        self.grad_mode = fixed_point_mode(grad, fixed_point_options)
-        self.fixed_point_options = {k: v for k, v in (fixed_point_options or {}).items()
-                                    if k != "adjoint_solver"}
+        self.grad_mode = parse_grad_mode(grad)
+        self.fixed_point_options = dict(fixed_point_options or {})
         # Built once (validated now, not at trace time); static under jit.
         self._layer_options = {
             t: self.grad_mode.layer_options(t, **self.fixed_point_options)
