@@ -212,3 +212,10 @@ def test_a_short_evaluation_logs_no_progress_line_off_a_terminal():
     assert long(1, 3) is not None  # 10 s passed: logged
     clock.now = 21.0
     assert long(3, 3) == "Evaluating: batch 3/3 (100%)  ETA 0:00:00"
+
+
+def test_a_one_batch_evaluation_that_compiles_long_logs_no_progress_line():
+    clock, stream = FakeClock(), io.StringIO()
+    progress = console.EvaluationProgress("Evaluating", stream=stream, clock=clock)
+    clock.now = 30.0  # its only batch compiled for 30 s
+    assert progress(1, 1) is None

@@ -168,7 +168,8 @@ class EvaluationProgress:
         percent = 100.0 * done / total if total else 100.0
         text = (f"{self.what}: batch {done}/{total} ({percent:.0f}%)  "
                 f"ETA {format_duration(eta)}")
-        log_it = now - self._last_log >= self._log_every
+        # The last batch is logged only to end earlier logged lines (`final` below).
+        log_it = not finished and now - self._last_log >= self._log_every
         if log_it:
             self._last_log = now
             self._logged = True
