@@ -246,21 +246,21 @@ def test_diverging_adjoint_is_never_silent(monkeypatch):
     # The exact gradient: z* = -x / (a - 1), dz*/da = x / (a - 1)^2, summed over 3 entries.
     exact = 3.0
     with pytest.warns(RuntimeWarning, match=r"adjoint solve failed for 1 example.*first-order gradient \(u = g\)"):
-        g, stats = _repro(Implicit())  # default: iterate adjoint, on_failure="fallback"
+        g, stats = _repro(Implicit(Iterate(30)))  # the iterative adjoint, on_failure="fallback"
         jax.effects_barrier()
     # Fallback: the first-order term u = g, i.e. dL/da = sum(z*) = -3, flagged.
     np.testing.assert_allclose(float(g), -exact, rtol=1e-5)
     assert float(stats[0]) > 1e6 and float(stats[2]) == 1.0
 
-    g, stats = _repro(Implicit(on_failure="nan"))
+    g, stats = _repro(Implicit(Iterate(30), on_failure="nan"))
     assert np.isnan(float(g)) and float(stats[2]) == 1.0
 
     with pytest.raises(Exception, match="adjoint solve failed for 1 example"):
-        jax.block_until_ready(_repro(Implicit(on_failure="raise")))
+        jax.block_until_ready(_repro(Implicit(Iterate(30), on_failure="raise")))
         jax.effects_barrier()
 
-    # A linear solver does not need a contraction: GMRES (and Anderson) get it right.
-    for adjoint in (GMRES(), Anderson(30)):
+    # A linear solver does not need a contraction: GMRES (the default) and Anderson get it right.
+    for adjoint in (None, GMRES(), Anderson(30)):
         g, stats = _repro(Implicit(adjoint))
         np.testing.assert_allclose(float(g), exact, rtol=1e-4)
         assert float(stats[0]) < 1e-4 and float(stats[2]) == 0.0
@@ -271,11 +271,57 @@ def test_fallback_warnings_do_not_spam(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(12):
-            _repro(Implicit())
+            _repro(Implicit(Iterate(30)))
         jax.effects_barrier()
     messages = [str(w.message) for w in caught if "adjoint solve failed" in str(w.message)]
     assert len(messages) == 2, messages  # the 1st and the 10th failure
     assert "1 failed backward pass(es)" in messages[0] and "10 failed" in messages[1]
+
+
+def _stall_loss(a, probe, grad, x):
+    """f(z) = a z + x at a = -1: z* = x / 2, dz*/da = x / 4; the adjoint iteration u <- g - u
+    alternates between 0 and g, and its residual never falls below the first-order answer's."""
+    z, _ = fixed_point_layer(lambda p, z, x: p * z + x, a, jnp.zeros(3), x,
+                             solver=Anderson(max_iter=30), grad=grad, probe=probe)
+    return jnp.sum(z)
+
+
+@pytest.mark.parametrize("on_failure", ["fallback", "nan"])
+def test_a_stalled_adjoint_is_a_failure_and_the_default_adjoint_solves_it(on_failure):
+    """jaxopt's simple_grads case (J = -1 at the solution): the default Implicit() is exact, and
+    the iterative adjoint, which stalls at the first-order residual, is reported as failed."""
+    x = jnp.array([1.0, 2.0, 3.0])
+    exact = float(jnp.sum(x)) / 4.0  # d/da sum(x / (1 - a)) at a = -1
+    grad = jax.jit(jax.grad(_stall_loss, argnums=(0, 1)), static_argnums=2)
+    g, stats = grad(-1.0, jnp.zeros(3), Implicit(on_failure=on_failure), x)
+    np.testing.assert_allclose(float(g), exact, rtol=1e-5)
+    assert float(stats[2]) == 0.0 and float(stats[0]) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        g, stats = grad(-1.0, jnp.zeros(3), Implicit(Iterate(8), on_failure=on_failure), x)
+        jax.effects_barrier()
+    assert float(stats[2]) == 1.0  # stalled: residual 1, the first-order answer's
+    np.testing.assert_allclose(float(stats[0]), 1.0, rtol=1e-6)
+    if on_failure == "nan":
+        assert np.isnan(float(g))
+    else:  # the first-order term u = g: d/da = sum(z*) = 3, flagged, not exact
+        np.testing.assert_allclose(float(g), float(jnp.sum(x)) / 2.0, rtol=1e-5)
+
+
+def test_an_adjoint_that_misses_its_tolerance_is_a_failure():
+    """A contraction whose tol-bounded adjoint runs out of budget above tol has failed; the same
+    solve with the budget to reach tol has not."""
+    x = jnp.ones(3)
+    grad = jax.jit(jax.grad(_stall_loss, argnums=(0, 1)), static_argnums=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, short = grad(0.9, jnp.zeros(3), Implicit(Iterate(5, tol=1e-4)), x)
+        jax.effects_barrier()
+    assert 1e-4 < float(short[0]) < 1.0 and float(short[2]) == 1.0  # progress, but not to tol
+    _, enough = grad(0.9, jnp.zeros(3), Implicit(Iterate(200, tol=1e-4)), x)
+    # Iterate's tol is on its own measure ||H(u) - u|| / ||H(u)|| (||u|| ~ 10 ||g|| here), the
+    # probe reports ||u (I - J) - g|| / ||g||: ~10x larger at the same u.
+    assert float(enough[2]) == 0.0 and float(enough[0]) < 1e-3
 
 
 def test_failure_is_per_example_and_the_callback_sees_it():

@@ -10,8 +10,11 @@ solve is a `lax.custom_linear_solve`, whose derivatives are themselves linear so
 backward pass of `fixed_point_layer` can be differentiated again (reverse-over-reverse).
 
 Every solve starts at v1 = b + A(b) (the two-term series), so ||A(b)|| / ||b||, the residual of
-the first-order answer v = b, is known for free; a solve whose returned residual is larger than
-that (or not finite) has failed: it ended worse than not solving, i.e. diverged.
+the first-order answer v = b, is known for free. A solve has failed when its returned residual is
+not finite; when it did not reach its solver's `tol` (by the solver's own stopping measure;
+tolerances below `_EPS_FACTOR` machine epsilons of the dtype count as that floor, which float32
+cannot beat reliably); and, for a fixed budget (`tol=None`), when it ended no better than the first-order
+answer (diverged, or stalled as the iteration does at J = -1 or a rotation).
 """
 from __future__ import annotations
 
@@ -59,8 +62,28 @@ def neumann_series(A: Linear, b: jax.Array, order: int, with_stats: bool
     return total, SolveStats(residual, steps, _failed(residual, base))
 
 
+# A tolerance below this many machine epsilons is taken as the floor when judging a solve: the
+# residual of a float32 solve cannot be trusted much below ~1e-5.
+_EPS_FACTOR = 64
+
+
 def _failed(residual: jax.Array, base: jax.Array) -> jax.Array:
+    """A truncated series: not finite, or worse than its first term (diverging)."""
     return ~jnp.isfinite(residual) | (residual > base)
+
+
+def _solve_failed(residual: jax.Array, base: jax.Array, tol: float | None,
+                  own_residual: jax.Array) -> jax.Array:
+    """A solve, per row: not finite; with `tol`, its own stopping measure `own_residual` above
+    tol (floored at _EPS_FACTOR epsilons); without tol (a fixed budget), no better than the
+    first-order answer (ties included: the iteration stalls at |eigenvalue| = 1), except where
+    b has no first-order residual at all (A(b) = 0: v = b is exact)."""
+    bad = ~jnp.isfinite(residual)
+    if tol is not None:
+        floor = _EPS_FACTOR * float(jnp.finfo(residual.dtype).eps)
+        return bad | ~(own_residual <= max(float(tol), floor))
+    slack = 1.0 - 16 * float(jnp.finfo(residual.dtype).eps)
+    return bad | ((residual >= base * slack) & (base > 0))
 
 
 def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array
@@ -72,6 +95,7 @@ def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array
     if isinstance(solver, options.GMRES):
         v, steps = _gmres(matvec, b, v1, solver)
         steps = steps + 1
+        own = None  # GMRES stops on the residual below, relative to ||b||
     else:
         def H(v):  # v = b + A(v) as a fixed point
             return b + v - matvec(v), None
@@ -79,8 +103,10 @@ def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array
         result = run_solver(H, v1, make_stepper(solver), max_iter=solver.max_iter - 1,
                             tol=solver.tol, return_best=False, differentiable=False)
         v, steps = result.fx, result.steps + 1
+        own = result.final_residual  # what its tol stops on: ||H(v) - v|| / ||H(v)||
     residual = _relative(matvec(v) - b, b)
-    return v, SolveStats(residual, steps, _failed(residual, base))
+    failed = _solve_failed(residual, base, solver.tol, residual if own is None else own)
+    return v, SolveStats(residual, steps, failed)
 
 
 def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES

@@ -41,6 +41,7 @@ from fixed_slots.fixed_point._fn import split_output
 from fixed_slots.fixed_point._loop import LoopResult, run_solver
 from fixed_slots.fixed_point._solvers import make_stepper
 from fixed_slots.fixed_point.options import (
+    GMRES,
     Gradient,
     Implicit,
     Iterate,
@@ -380,7 +381,7 @@ def fixed_point_layer(
     """
     options.check_call(solver, grad, removed_options)
     if isinstance(grad, Implicit) and grad.adjoint is None:
-        grad = dataclasses.replace(grad, adjoint=Iterate(solver.max_iter))
+        grad = dataclasses.replace(grad, adjoint=GMRES())  # converges where I - J is invertible
     if batch_axis is not None:
         batch_axis = options._static_int("fixed_point_layer", "batch_axis", batch_axis,
                                          minimum=-(2 ** 31))

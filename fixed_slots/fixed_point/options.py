@@ -207,10 +207,14 @@ class Series:
 class Implicit:
     """Implicit-function-theorem gradient: solve u = g + u J with an iterative adjoint solver.
 
-    adjoint: Iterate | Anderson | Broyden | GMRES; None = Iterate with the forward solver's
-      max_iter and no tol.
-    on_failure: what a failed adjoint solve (non-finite, or relative residual
-      ||u (I - J) - g|| / ||g|| > 1: worse than u = 0, i.e. diverging) does:
+    adjoint: Iterate | Anderson | Broyden | GMRES; None = GMRES(), which converges whenever
+      I - J is invertible (also at spectral radius >= 1, where the iteration diverges or
+      stalls). The cheap iterative adjoint (the paper's) is an explicit choice:
+      Implicit(adjoint=Iterate(max_iter)).
+    on_failure: what a failed adjoint solve does. Failed: the relative residual
+      ||u (I - J) - g|| / ||g|| is not finite; or above the adjoint's `tol` (floored at 64
+      machine epsilons: ~7.6e-6 in float32); or, for a fixed budget (tol None), no better than
+      the first-order answer u = g (diverging, or stalled as at J = -1). Then:
       "fallback" uses the first-order term u = g for the failed examples and warns (at the 1st,
       10th, 100th, ... failure); "nan" makes their gradient NaN (a trainer's non-finite guard
       stops); "raise" raises at run time. The outcome always reaches the `probe`.
