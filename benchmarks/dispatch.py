@@ -3,7 +3,7 @@
 The jitted step runs asynchronously: a call returns once the computation is enqueued, so the
 host's per-call work is hidden behind the device only while it is shorter than the step. This
 script measures that work at a config's model size (synthetic images, so no dataset), for the
-state as it crossed jit before issue 10 and as it does now:
+state as it crossed jit before the step took plain arrays and as it does now:
 
   nnx_state      params as an `nnx.State` (one `nnx.Variable` node per parameter, rebuilt in
                  Python on every call) and the per-leaf optimizer (an Adam moment pair per leaf);

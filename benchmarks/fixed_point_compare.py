@@ -113,7 +113,7 @@ def ours_neumann1() -> Callable[[Problem], Callable]:
 
 
 def ours_implicit_iterate() -> Callable[[Problem], Callable]:
-    """The iterative adjoint with the forward solve's budget (before issue 24, the default)."""
+    """The iterative adjoint with the forward solve's budget (the default before GMRES became it)."""
     return lambda pb: ours(Iterate, Implicit(Iterate(pb.iterations)))(pb)
 
 

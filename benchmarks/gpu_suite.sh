@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10's GPU suite in one device call (benchmarks/README.md, "The GPU suite").
+# The GPU suite in one device call (benchmarks/README.md, "The GPU suite").
 #   bash benchmarks/gpu_suite.sh [gpu_suite.py flags]
 # Carry `.whl` (../shared/tools/gpu-wheels.sh) and `build/official_slate`; the report and every
 # figure land in $OUT (report.md, <step>.json, logs/). --dry_run: tiny shapes on a CPU.

@@ -1,6 +1,6 @@
 """Train-step timing of the OFFICIAL PyTorch SLATE (singhgautam/slate), vanilla or implicit.
 
-The side-by-side baseline for `benchmarks/train_step.py` (GitHub issue 5). This file contains none
+The side-by-side baseline for `benchmarks/train_step.py`. This file contains none
 of the official code: it imports `slate.py` (and, through it, `slot_attn.py`, `dvae.py`,
 `transformer.py`, `utils.py`) from `--slate_dir`, a checkout of https://github.com/singhgautam/slate
 that you obtain yourself and keep OUTSIDE this repository (never commit it). torch is not a

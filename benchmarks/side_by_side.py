@@ -1,4 +1,4 @@
-"""Issue 5's side-by-side: the official PyTorch SLATE vs ours, same shapes, same device, one run.
+"""The side-by-side: the official PyTorch SLATE vs ours, same shapes, same device, one run.
 
 Runs one after another, each in its own process (so every peak-memory figure is its own):
   official vanilla (backprop through T)          benchmarks/official_slate.py --grad=unroll

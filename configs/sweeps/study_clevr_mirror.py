@@ -1,4 +1,4 @@
-"""Table 2 / Fig. 3b at 64x64 on CLEVR-Mirror on 2 CPU cores (issue 19): the arms, the commands.
+"""Table 2 / Fig. 3b at 64x64 on CLEVR-Mirror on 2 CPU cores: the arms, the commands.
 
 Arms (T = the paper's number of slot-attention iterations):
   vanilla     `unroll`, T=7: backpropagation through all 7 updates

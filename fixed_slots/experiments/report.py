@@ -15,7 +15,7 @@ that failed (e.g. a non-finite loss) are counted and named in the `failed` colum
 in. `--versus=KEY` also plots the final metrics against a config key the runs vary (e.g. the
 number of iterations, Fig. 6), one line per setting of the other keys.
 
-Statistics (issue 19):
+Statistics:
 - the per-seed table: every evaluation metric of every seed, ± the evaluation's own standard
   error over images (from per_image.json), and the final training values;
 - the `eval SE` columns: each run's standard error over images of a metric, averaged over seeds
