@@ -507,3 +507,34 @@ def test_batch_axis_gradients_are_per_example():
         gi = jax.grad(lambda x: jnp.dot(WEIGHTS, fixed_point_layer(
             f_scaled, W, jnp.zeros(N), x, c[i], **kw)[0]))(xs[i])
         np.testing.assert_allclose(gb[i], gi, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver, grad", [
+    (Iterate(30, tol=1e-6), Implicit()),  # the default adjoint, GMRES
+    (Anderson(30, tol=1e-6), Implicit(Anderson(30))),
+    (Broyden(30, tol=1e-6), Implicit(Broyden(30))),
+    (Anderson(30, tol=1e-6), Unroll()),
+])
+def test_strict_dtype_promotion_and_rank_promotion_raise_are_supported(solver, grad):
+    """Users who run JAX with jax_numpy_dtype_promotion='strict' and rank_promotion='raise'
+    get the same gradient as under the standard rules (bf16 and float32 states, batched)."""
+    W = 0.5 * jnp.eye(4) + 0.05
+    x = jnp.stack([jnp.linspace(-1.0, 1.0, 4)] * 3)
+
+    def loss(W, dtype):
+        z, _ = fixed_point_layer(lambda W, z, x: jnp.tanh(z @ W.T + x), W.astype(dtype),
+                                 jnp.zeros((3, 4), dtype), x.astype(dtype), solver=solver,
+                                 grad=grad, batch_axis=0, probe=jnp.zeros((3, 3)))
+        return jnp.sum(z.astype(jnp.float32))
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        expected = jax.grad(loss)(W, dtype)
+        with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+            got = jax.grad(loss)(W, dtype)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_complex_states_are_refused_with_one_message():
+    with pytest.raises(ValueError, match="complex states are not supported"):
+        fixed_point_layer(lambda p, z, x: 0.5 * z + x, 0.0, jnp.zeros(3, jnp.complex64),
+                          jnp.ones(3, jnp.complex64))

@@ -72,22 +72,30 @@ def _failed(residual: jax.Array, base: jax.Array) -> jax.Array:
     return ~jnp.isfinite(residual) | (residual > base)
 
 
+def tolerance_floor(dtype: jnp.dtype, narrowest: jnp.dtype | None = None) -> float:
+    """The smallest tolerance a solve in `dtype` is judged by: _EPS_FACTOR epsilons of it, and
+    4 epsilons of the narrowest dtype f computes in (a bf16 state's vjps carry bf16 noise)."""
+    floor = _EPS_FACTOR * float(jnp.finfo(dtype).eps)
+    if narrowest is not None:
+        floor = max(floor, 4 * float(jnp.finfo(narrowest).eps))
+    return floor
+
+
 def _solve_failed(residual: jax.Array, base: jax.Array, tol: float | None,
-                  own_residual: jax.Array) -> jax.Array:
+                  own_residual: jax.Array, floor: float) -> jax.Array:
     """A solve, per row: not finite; with `tol`, its own stopping measure `own_residual` above
-    tol (floored at _EPS_FACTOR epsilons); without tol (a fixed budget), no better than the
+    tol (floored at `floor`, tolerance_floor); without tol (a fixed budget), no better than the
     first-order answer (ties included: the iteration stalls at |eigenvalue| = 1), except where
     b has no first-order residual at all (A(b) = 0: v = b is exact)."""
     bad = ~jnp.isfinite(residual)
     if tol is not None:
-        floor = _EPS_FACTOR * float(jnp.finfo(residual.dtype).eps)
         return bad | ~(own_residual <= max(float(tol), floor))
     slack = 1.0 - 16 * float(jnp.finfo(residual.dtype).eps)
     return bad | ((residual >= base * slack) & (base > 0))
 
 
-def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array
-           ) -> tuple[jax.Array, SolveStats]:
+def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array,
+           floor: float | None = None) -> tuple[jax.Array, SolveStats]:
     """custom_linear_solve's `solve`: v with matvec(v) = (I - A) v = b. Not differentiated."""
     Ab = b - matvec(b)
     v1 = b + Ab
@@ -105,7 +113,8 @@ def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array
         v, steps = result.fx, result.steps + 1
         own = result.final_residual  # what its tol stops on: ||H(v) - v|| / ||H(v)||
     residual = _relative(matvec(v) - b, b)
-    failed = _solve_failed(residual, base, solver.tol, residual if own is None else own)
+    floor = tolerance_floor(b.dtype) if floor is None else floor
+    failed = _solve_failed(residual, base, solver.tol, residual if own is None else own, floor)
     return v, SolveStats(residual, steps, failed)
 
 
@@ -135,12 +144,12 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
             mask = (jnp.arange(m + 1) <= j).astype(b.dtype)
             h = jnp.zeros((batch, m + 1), b.dtype)
             for _ in range(2):  # CGS2: re-orthogonalise once for float32 stability
-                hi = jnp.einsum("bkn,bn->bk", V, w) * mask
+                hi = jnp.einsum("bkn,bn->bk", V, w) * mask[None, :]
                 w = w - jnp.einsum("bk,bkn->bn", hi, V)
                 h = h + hi
             norm = row_norm(w)
             h = h.at[:, j + 1].set(norm)
-            V = V.at[:, j + 1].set(w / _safe(norm)[:, None] * (norm > _TINY)[:, None])
+            V = V.at[:, j + 1].set(w / _safe(norm)[:, None] * (norm > _TINY).astype(b.dtype)[:, None])
             return vary((V, H.at[:, :, j].set(h)), axes)
 
         V, H = jax.lax.fori_loop(0, m, arnoldi, vary((V, H), axes))
@@ -170,15 +179,16 @@ def _safe(norm: jax.Array) -> jax.Array:
     return jnp.where(norm > _TINY, norm, 1.0)
 
 
-def linear_solve(A: Linear, b: jax.Array, solver: options.AdjointSolver
-                 ) -> tuple[jax.Array, SolveStats]:
-    """(I - A)^-1 b by `solver`, differentiable (its transpose is the same solver on A^T)."""
+def linear_solve(A: Linear, b: jax.Array, solver: options.AdjointSolver,
+                 floor: float | None = None) -> tuple[jax.Array, SolveStats]:
+    """(I - A)^-1 b by `solver`, differentiable (its transpose is the same solver on A^T).
+    `floor`: the smallest tolerance the solve is judged by (None: tolerance_floor(b.dtype))."""
 
     def matvec(v):
         return v - A(v)
 
     def solve(mv, rhs):
-        return _solve(solver, mv, rhs)
+        return _solve(solver, mv, rhs, floor)
 
     v, stats = jax.lax.custom_linear_solve(matvec, b, solve, transpose_solve=solve, has_aux=True)
     return v, jax.tree.map(jax.lax.stop_gradient, stats)

@@ -16,9 +16,26 @@ PyTree = Any
 
 
 def flat_dtype(tree: PyTree) -> jnp.dtype:
-    """The dtype the solvers work in: at least float32 (bf16 states are solved in float32)."""
+    """The dtype the solvers work in: the widest floating dtype of the leaves, at least float32
+    (bf16 states are solved in float32). Chosen by hand rather than by jnp.result_type, which
+    refuses float32 next to float64 under jax_numpy_dtype_promotion='strict'."""
     dtypes = [jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(tree)]
-    return jnp.result_type(jnp.float32, *dtypes)
+    complex_ = [d for d in dtypes if jnp.issubdtype(d, jnp.complexfloating)]
+    if complex_:
+        # The residual norms, Anderson's Gram matrix and GMRES's inner products are written
+        # for real vectors (no conjugation): a complex state would "converge" to wrong answers.
+        raise ValueError(f"fixed_point_layer: complex states are not supported (a leaf of z0 "
+                         f"has dtype {complex_[0]}); solve for the real and imaginary parts as "
+                         f"two real leaves.")
+    floats = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    return max([jnp.dtype(jnp.float32), *floats], key=lambda d: d.itemsize)
+
+
+def _at_least_float32(dtype: Any) -> jnp.dtype:
+    """float64 stays, anything narrower is float32 (no promotion rule: strict mode allows none)."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4 else (
+        jnp.dtype(jnp.float32))
 
 
 def make_flattener(
@@ -91,5 +108,5 @@ def select_rows(mask: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax
 
 def row_norm(x: jax.Array) -> jax.Array:
     """Euclidean norm of each row, in float32 or wider. [batch, features] -> [batch]."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(_at_least_float32(x.dtype))
     return jnp.sqrt(jnp.sum(x * x, axis=1))

@@ -68,7 +68,7 @@ def anderson(memory: int = 5, mixing: float = 1.0, regularization: float = 1e-4)
         # unfilled slots get a unit diagonal and a zero border, which forces their alpha to 0.
         scale = jnp.maximum(jnp.max(jnp.abs(gram), axis=(1, 2)), 1e-30)  # [batch]
         diag = jnp.where(valid[None, :], regularization * scale[:, None], 1.0)  # [batch, memory]
-        system = gram + diag[:, :, None] * jnp.eye(memory, dtype=x.dtype)
+        system = gram + diag[:, :, None] * jnp.eye(memory, dtype=x.dtype)[None]
         border = valid.astype(x.dtype)
         batch = x.shape[0]
         top = jnp.concatenate([jnp.zeros((batch, 1, 1), x.dtype),

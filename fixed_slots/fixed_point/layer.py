@@ -249,7 +249,7 @@ def _implicit_bwd(fn, plan: _Plan, residuals, cotangents):
     if isinstance(grad, Series):
         u, stats = _adjoint.neumann_series(A, g, grad.order, with_stats=want_stats)
     else:
-        u, stats = _adjoint.linear_solve(A, g, grad.adjoint)
+        u, stats = _adjoint.linear_solve(A, g, grad.adjoint, _judging_floor(x_star, g.dtype))
         u = _on_failure(grad, u, g, stats)
         if grad.callback is not None:
             jax.debug.callback(grad.callback, _squeeze(plan, {
@@ -266,6 +266,14 @@ def _implicit_bwd(fn, plan: _Plan, residuals, cotangents):
 
 
 _implicit_layer.defvjp(_implicit_fwd, _implicit_bwd)
+
+
+def _judging_floor(state: PyTree, solve_dtype: Any) -> float:
+    """The adjoint's tolerance floor: the solve's dtype, and the narrowest float f runs in."""
+    floats = [jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(state)
+              if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
+    narrowest = min(floats, key=lambda d: d.itemsize) if floats else None
+    return _adjoint.tolerance_floor(solve_dtype, narrowest)
 
 
 def _squeeze(plan: _Plan, tree: PyTree) -> PyTree:
@@ -290,8 +298,9 @@ def _warn_fallback(num_failed, residual) -> None:
         return
     warnings.warn(
         f"fixed_point_layer: the implicit adjoint solve failed for {int(num_failed)} example(s) "
-        f"(relative residual {float(residual):.3g}: diverging, typically because the spectral "
-        "radius of df/dz is >= 1); the first-order gradient (u = g) was used for them. "
+        f"(relative residual {float(residual):.3g}: it diverged, stalled, or did not reach its "
+        "tol; an iterative adjoint fails so when the spectral radius of df/dz is >= 1); the "
+        "first-order gradient (u = g) was used for them. "
         f"{count} failed backward pass(es) so far; next warning at {10 * count}. Use "
         "Implicit(adjoint=GMRES(...)) or a contractive f; the probe reports every solve.",
         RuntimeWarning, stacklevel=2)
@@ -303,7 +312,8 @@ def _raise_failure(num_failed, residual) -> None:
     num_failed, residual = np.sum(num_failed), np.max(residual)
     raise FloatingPointError(
         f"fixed_point_layer: the implicit adjoint solve failed for {int(num_failed)} example(s) "
-        f"(relative residual {float(residual):.3g}: diverging or non-finite; on_failure='raise')")
+        f"(relative residual {float(residual):.3g}: it diverged, stalled, did not reach its "
+        f"tol, or is not finite; on_failure='raise')")
 
 
 def _on_failure(grad: Implicit, u: jax.Array, g: jax.Array, stats: _adjoint.SolveStats

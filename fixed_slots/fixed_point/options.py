@@ -213,7 +213,7 @@ class Implicit:
       Implicit(adjoint=Iterate(max_iter)).
     on_failure: what a failed adjoint solve does. Failed: the relative residual
       ||u (I - J) - g|| / ||g|| is not finite; or above the adjoint's `tol` (floored at 64
-      machine epsilons: ~7.6e-6 in float32); or, for a fixed budget (tol None), no better than
+      machine epsilons: ~7.6e-6 in float32; 4 epsilons of a bf16 state, 0.031); or, for a fixed budget (tol None), no better than
       the first-order answer u = g (diverging, or stalled as at J = -1). Then:
       "fallback" uses the first-order term u = g for the failed examples and warns (at the 1st,
       10th, 100th, ... failure); "nan" makes their gradient NaN (a trainer's non-finite guard
