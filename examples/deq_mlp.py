@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None, *, steps: int = 300, quiet: bool = False
     parser.add_argument("--freeze_cell", action="store_true", default=freeze_cell)
     args = parser.parse_args([] if argv is None else argv)
     # A config string -> solver and gradient objects (e.g. "implicit": Iterate(41, tol=1e-4),
-    # Implicit(adjoint=Iterate(40, tol=1e-5))); `batch_axis=0`: each example its own problem.
+    # Implicit(adjoint=Iterate(100, tol=1e-5))); `batch_axis=0`: each example its own problem.
     mode = parse_grad_mode(args.grad)
-    solve_kw = dict(mode.layer_options(40, tol=1e-4, adjoint_max_iter=40, adjoint_tol=1e-5),
+    solve_kw = dict(mode.layer_options(40, tol=1e-4, adjoint_max_iter=100, adjoint_tol=1e-5),
                     batch_axis=0)
 
     k_data, k_test, k_model, k_jac = jax.random.split(jax.random.key(seed), 4)
