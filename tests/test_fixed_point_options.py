@@ -56,6 +56,9 @@ def dense_jacobian(W, z, x):
     (lambda: Anderson(memory=0), "Anderson: memory must be a positive int"),
     (lambda: Anderson(mixing=1.5), r"Anderson: mixing must be in \(0, 1\]"),
     (lambda: Anderson(regularization=-1.0), "Anderson: regularization must be >= 0"),
+    (lambda: Anderson(regularization=float("inf")), "Anderson: regularization must be a finite"),
+    (lambda: Iterate(tol=float("inf")), "Iterate: tol must be a finite number"),
+    (lambda: GMRES(tol=float("nan")), "GMRES: tol must be a finite number"),
     (lambda: Broyden(memory=-3), "Broyden: memory must be a positive int"),
     (lambda: GMRES(tol=None), "GMRES: tol must be > 0"),
     (lambda: GMRES(restart=0), "GMRES: restart must be a positive int"),
@@ -345,3 +348,15 @@ def test_failure_is_per_example_and_the_callback_sees_it():
     record = records.pop()
     np.testing.assert_array_equal(record["adjoint_failed"], [False, True])
     np.testing.assert_allclose(record["adjoint_residual"], stats[:, 0], rtol=1e-6)
+
+
+def test_an_error_inside_f_keeps_its_own_type_with_the_layers_note():
+    """A numpy f on tracers: JAX's own TracerArrayConversionError, not a rebuilt exception
+    (rebuilding it as type(e)(message) used to end in an AttributeError)."""
+    import numpy as onp
+
+    with pytest.raises(jax.errors.TracerArrayConversionError) as caught:
+        fixed_point_layer(lambda p, z, x: onp.tanh(z) + x, 0.0, jnp.zeros(3), jnp.ones(3))
+    notes = getattr(caught.value, "__notes__", None)
+    if notes is not None:  # Python >= 3.11
+        assert any("fixed_point_layer: raised by f" in n for n in notes)

@@ -90,8 +90,14 @@ def _check_state_structure(f, params, z0, args, has_aux) -> None:
     """Traces f abstractly. Raises on a state that f does not preserve."""
     try:
         out = jax.eval_shape(f, params, z0, *args)
-    except Exception as e:  # re-raised with the layer's context
-        raise type(e)(f"fixed_point_layer: calling f(params, z0, *args) failed: {e}") from e
+    except Exception as e:
+        # The exception itself, unchanged (rebuilding it as type(e)(message) breaks types whose
+        # constructor takes other arguments, as JAX's tracer errors do); the layer's context
+        # goes in a note, shown under the message in the traceback (Python >= 3.11).
+        if hasattr(e, "add_note"):
+            e.add_note("fixed_point_layer: raised by f(params, z0, *args), traced with "
+                       "jax.eval_shape to check that f preserves the state's structure")
+        raise
     if has_aux and not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError("fixed_point_layer: has_aux=True but f did not return a pair (z, aux).")
     out, _ = split_output(out, has_aux)

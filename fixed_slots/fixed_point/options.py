@@ -59,8 +59,8 @@ def _static_float(owner: str, name: str, value: Any) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise _bad(owner, f"{name} must be a number, got {value!r}") from None
-    if math.isnan(out):
-        raise _bad(owner, f"{name} must not be NaN")
+    if not math.isfinite(out):  # NaN, or inf (e.g. an infinite ridge: NaN iterates)
+        raise _bad(owner, f"{name} must be a finite number, got {value!r}")
     return out
 
 
