@@ -5,7 +5,8 @@ Arms (T = the paper's number of slot-attention iterations):
   vanilla_T8  `unroll`, T=8: as many updates as the implicit arms run (7 without gradient + 1)
   IN          naive iteration forward, first-order Neumann backward (`neumann1`), T=7
   IB, BN, BB  Broyden forward and/or Broyden adjoint (Table 2's other variants), T=7
-The main comparison is IN vs vanilla (6 seeds); the other arms have 3 seeds.
+The main comparison is IN vs vanilla (6 seeds); the other arms have 3 seeds. The runs of record
+(docs/results.md, 800 steps): 5 seeds of vanilla and IN, seed 0 of vanilla_T8, BN and BB.
 
   DATA=/work/data/tfds W=/work/runs/study_clevr_mirror
   python -m fixed_slots.data_prep build clevr_mirror --source=/work/shared/data/clevr_mirror --data_dir=$DATA
