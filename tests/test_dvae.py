@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from fixed_slots.modules.dvae import (
-    DVAE, Conv2dBlock, cosine_anneal, gumbel_max, gumbel_softmax, pixel_shuffle)
+    DVAE, Conv2d, Conv2dBlock, conv2d, cosine_anneal, gumbel_max, gumbel_softmax, pixel_shuffle)
 
 
 def _num_params(module: nnx.Module) -> int:
@@ -59,6 +59,50 @@ def test_conv_block_init_and_groupnorm():
     np.testing.assert_allclose(normed.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(normed.var(axis=(1, 2, 3)), 1.0, atol=1e-3)
     assert float(block(x).min()) >= 0.0
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_pointwise_conv_as_matmul_is_nnx_conv(use_bias, dtype):
+    """The 1x1 case runs as a dot: the same values and gradients as nnx.Conv's convolution."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        conv = conv2d(5, 7, 1, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float64,
+                      rngs=nnx.Rngs(0))
+        assert conv._is_pointwise()
+        if use_bias:  # a nonzero bias, so a dropped or misplaced bias shows
+            conv.bias[...] = jnp.arange(7, dtype=jnp.float64) / 7
+        x = jax.random.normal(jax.random.key(1), (2, 3, 4, 5), jnp.float64)
+        graphdef, params = nnx.split(conv)
+
+        def loss(call, p, x):
+            y = call(nnx.merge(graphdef, p), x)
+            return jnp.sum(jnp.sin(y.astype(jnp.float64))), y
+
+        (ours, y), g_ours = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
+            Conv2d.__call__, params, x)
+        (ref, y_ref), g_ref = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
+            nnx.Conv.__call__, params, x)
+        assert y.dtype == y_ref.dtype and y.shape == y_ref.shape == (2, 3, 4, 7)
+        tol = 1e-12 if dtype is None else 2e-2
+        np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(y_ref, np.float64),
+                                   rtol=tol, atol=tol)
+        for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                       rtol=tol, atol=tol * 10)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_only_pointwise_convs_take_the_matmul_path():
+    rngs = nnx.Rngs(0)
+    assert not conv2d(4, 4, 3, 1, 1, rngs=rngs)._is_pointwise()
+    assert not conv2d(4, 4, 1, 2, rngs=rngs)._is_pointwise()  # strided
+    assert not conv2d(4, 4, 1, 1, 1, rngs=rngs)._is_pointwise()  # padded
+    assert not conv2d(4, 4, 4, 4, rngs=rngs)._is_pointwise()
+    strided = conv2d(4, 6, 1, 2, rngs=rngs)
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
+    assert strided(x).shape == (1, 3, 3, 6)
 
 
 def test_pixel_shuffle_matches_torch_layout():
