@@ -179,16 +179,24 @@ def _safe(norm: jax.Array) -> jax.Array:
     return jnp.where(norm > _TINY, norm, 1.0)
 
 
+Policy = Callable[[jax.Array, jax.Array, SolveStats], jax.Array]
+
+
 def linear_solve(A: Linear, b: jax.Array, solver: options.AdjointSolver,
-                 floor: float | None = None) -> tuple[jax.Array, SolveStats]:
+                 floor: float | None = None, policy: Policy | None = None
+                 ) -> tuple[jax.Array, SolveStats]:
     """(I - A)^-1 b by `solver`, differentiable (its transpose is the same solver on A^T).
-    `floor`: the smallest tolerance the solve is judged by (None: tolerance_floor(b.dtype))."""
+    `floor`: the smallest tolerance the solve is judged by (None: tolerance_floor(b.dtype)).
+    `policy(v, rhs, stats) -> v`: what a failed solve returns; applied inside every solve of
+    the system, so the transposed solve that reverse mode runs (u = g (I - J)^-1) obeys it too.
+    """
 
     def matvec(v):
         return v - A(v)
 
     def solve(mv, rhs):
-        return _solve(solver, mv, rhs, floor)
+        v, stats = _solve(solver, mv, rhs, floor)
+        return (v if policy is None else policy(v, rhs, stats)), stats
 
     v, stats = jax.lax.custom_linear_solve(matvec, b, solve, transpose_solve=solve, has_aux=True)
     return v, jax.tree.map(jax.lax.stop_gradient, stats)

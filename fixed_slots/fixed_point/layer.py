@@ -12,15 +12,18 @@ evaluation point x. Backward, chosen by the gradient object:
 For Series/Implicit the output's cotangent is mapped to params, args and closed-over arrays;
 z0 gets a zero cotangent, since the fixed point does not depend on where the solver started.
 
-How Series/Implicit are differentiated (two custom rules, so every order of reverse mode works):
+How Series/Implicit are differentiated (two custom rules):
   `_solve_point`    custom_jvp: the forward solve (a while_loop, never taped); its tangent is
-                    dx = (I - J)^-1 f_w dw (Implicit) or the truncated series (Series), so
-                    differentiating *through* the backward pass below sees the fixed point move.
-  `_implicit_layer` custom_vjp: first-order reverse mode with O(1) memory in the iterations
-                    (saves params, args and x; recomputes f at x), the adjoint statistics into
-                    the probe's cotangent, and the failure policy. Its backward pass is made of
-                    differentiable operations (_adjoint.py), hence reverse-over-reverse and
-                    forward-over-reverse.
+                    dz = (I - J)^-1 f_w dw (Implicit, a custom_linear_solve with the failure
+                    policy in it) or the truncated series (Series), f linearised once at x.
+                    Without a probe the layer is this rule alone: forward mode works, and
+                    reverse mode is its transpose (the transposed solve is the adjoint solve
+                    u = g (I - J)^-1, policy included), O(1) memory in the iterations.
+  `_implicit_layer` custom_vjp, used with a probe: the same first-order reverse mode (saves
+                    params, args and x; recomputes f at x) that also writes the adjoint
+                    statistics into the probe's cotangent; reverse mode only. Its backward pass
+                    is made of differentiable operations (_adjoint.py) and `_solve_point`
+                    carries the tangent, hence reverse-over-reverse and forward-over-reverse.
 """
 from __future__ import annotations
 
@@ -208,24 +211,30 @@ def _solve_point_jvp(fn, plan: _Plan, primals, tangents):
     def state(p, z, a, c):
         return fn(p, z, a, *c)[0]
 
-    # b = (df/dw) dw at x, then dx from the gradient's linear map, then dz = b + J dx.
+    # b = (df/dw) dw at x; then dx from the gradient's linear map.
     _, b = jax.jvp(lambda p, a, c: state(p, x, a, c), (params, args, consts),
                    (d_params, d_args, d_consts))
-
-    def A(v):  # J v
-        return flatten(jax.jvp(lambda z: state(params, z, args, consts), (x,), (unflatten(v),))[1])
-
     grad = plan.grad
     if isinstance(grad, Series) and grad.order == 1:
-        dx, dz = _zero_tangent(x), b  # first order: x is treated as a constant
-    else:
-        b_flat = flatten(b)
-        if isinstance(grad, Series):  # dz = (I + ... + J^(K-1)) b = b + J dx
-            dx_flat, _ = _adjoint.neumann_series(A, b_flat, grad.order - 1, with_stats=False)
-        else:
-            dx_flat, _ = _adjoint.linear_solve(A, b_flat, grad.adjoint)
+        return out, (_zero_tangent(x), b) + tuple(_zero_tangent(o) for o in out[2:])
+    # f linearised at x once: every J v below reuses its residuals, so reverse mode (the
+    # transpose of this rule) recomputes nothing per adjoint step and keeps O(1) memory.
+    _, jvp_z = jax.linearize(lambda z: state(params, z, args, consts), x)
+
+    def A(v):  # J v
+        return flatten(jvp_z(unflatten(v)))
+
+    b_flat = flatten(b)
+    if isinstance(grad, Series):  # dz = (I + ... + J^(K-1)) b = b + J dx
+        dx_flat, _ = _adjoint.neumann_series(A, b_flat, grad.order - 1, with_stats=False)
         dx = unflatten(dx_flat)
         dz = jax.tree.map(jnp.add, b, unflatten(A(dx_flat)))
+    else:
+        # dz = dx = (I - J)^-1 b; transposed (reverse mode), the solve is the adjoint
+        # u = g (I - J)^-1 itself, so the failure policy sees the cotangent g as its rhs.
+        floor = _judging_floor(x, b_flat.dtype)
+        dx_flat, _ = _adjoint.linear_solve(A, b_flat, grad.adjoint, floor, _policy(grad, plan))
+        dx = dz = unflatten(dx_flat)
     return out, (dx, dz) + tuple(_zero_tangent(o) for o in out[2:])
 
 
@@ -255,12 +264,8 @@ def _implicit_bwd(fn, plan: _Plan, residuals, cotangents):
     if isinstance(grad, Series):
         u, stats = _adjoint.neumann_series(A, g, grad.order, with_stats=want_stats)
     else:
-        u, stats = _adjoint.linear_solve(A, g, grad.adjoint, _judging_floor(x_star, g.dtype))
-        u = _on_failure(grad, u, g, stats)
-        if grad.callback is not None:
-            jax.debug.callback(grad.callback, _squeeze(plan, {
-                "adjoint_residual": stats.residual, "adjoint_steps": stats.steps,
-                "adjoint_failed": stats.failed}))
+        u, stats = _adjoint.linear_solve(A, g, grad.adjoint, _judging_floor(x_star, g.dtype),
+                                         _policy(grad, plan))
     _, vjp_w = jax.vjp(lambda p, a, c: fn(p, x_star, a, *c)[0], params, args, consts)
     d_params, d_args, d_consts = vjp_w(unflatten(u))
     d_probe = None
@@ -335,6 +340,20 @@ def _on_failure(grad: Implicit, u: jax.Array, g: jax.Array, stats: _adjoint.Solv
     return select_rows(failed, g, u) if grad.on_failure == "fallback" else u
 
 
+def _policy(grad: Implicit, plan: _Plan) -> _adjoint.Policy:
+    """The documented failure policy and the user's callback, for every solve of (I - J)."""
+
+    def apply(v: jax.Array, rhs: jax.Array, stats: _adjoint.SolveStats) -> jax.Array:
+        v = _on_failure(grad, v, rhs, stats)
+        if grad.callback is not None:
+            jax.debug.callback(grad.callback, _squeeze(plan, {
+                "adjoint_residual": stats.residual, "adjoint_steps": stats.steps,
+                "adjoint_failed": stats.failed}))
+        return v
+
+    return apply
+
+
 def _raise_not_converged(num, residual, tol) -> None:
     if int(np.sum(num)) == 0:
         return
@@ -388,6 +407,8 @@ def fixed_point_layer(
         is set by the backward pass to (adjoint relative residual ||u (I - J) - g|| / ||g||,
         adjoint steps, failed 0/1): `jax.grad` with respect to the probe returns the adjoint
         solve's outcome (Implicit and Series; zeros for Unroll and Neumann). Its value is unused.
+        With a probe, Series/Implicit support reverse mode only (a custom_vjp); without one,
+        forward mode too (jvp, jacfwd, linearize, hessian).
       throw: raise at run time when the forward solve did not converge (info.converged false).
       **removed_options: the flat options of the removed string form (max_iter=, tol=, ...)
         are refused with a message naming the object that owns each now.
@@ -426,8 +447,17 @@ def fixed_point_layer(
     else:
         # Closed-over arrays become explicit inputs of the custom rules (and get cotangents).
         converted, consts = jax.closure_convert(fn, params, z0, args)
-        z_out, aux, info = _implicit_layer(converted, plan, params, z0, args, tuple(consts),
-                                           probe)
+        if probe is None:
+            # The custom_jvp alone: forward mode (jvp, jacfwd, linearize, hessian) and reverse
+            # mode as its transpose (the same adjoint solve and failure policy).
+            _, z_out, aux, *stats = _solve_point(converted, plan, params, z0, args,
+                                                 tuple(consts))
+            info = _info(LoopResult(None, None, None, *stats), plan)
+        else:
+            # The custom_vjp, whose backward pass also writes the adjoint statistics into the
+            # probe's cotangent (reverse mode only).
+            z_out, aux, info = _implicit_layer(converted, plan, params, z0, args,
+                                               tuple(consts), probe)
     if throw:
         _throw_if_not_converged(info, solver.tol)
     if has_aux:
