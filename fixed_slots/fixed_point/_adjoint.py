@@ -82,14 +82,21 @@ def tolerance_floor(dtype: jnp.dtype, narrowest: jnp.dtype | None = None) -> flo
 
 
 def _solve_failed(residual: jax.Array, base: jax.Array, tol: float | None,
-                  own_residual: jax.Array, floor: float) -> jax.Array:
-    """A solve, per row: not finite; with `tol`, its own stopping measure `own_residual` above
-    tol (floored at `floor`, tolerance_floor); without tol (a fixed budget), no better than the
+                  own_residual: jax.Array, floor: float, atol: float | None = None,
+                  own_abs: jax.Array | None = None) -> jax.Array:
+    """A solve, per row: not finite; with `tol` or `atol`, neither its own stopping measure
+    `own_residual` at most tol (floored at `floor`, tolerance_floor) nor its absolute one
+    `own_abs` at most atol; without either (a fixed budget), no better than the
     first-order answer (ties included: the iteration stalls at |eigenvalue| = 1), except where
     b has no first-order residual at all (A(b) = 0: v = b is exact)."""
     bad = ~jnp.isfinite(residual)
-    if tol is not None:
-        return bad | ~(own_residual <= max(float(tol), floor))
+    if tol is not None or atol is not None:
+        reached = jnp.zeros(residual.shape, bool)
+        if tol is not None:
+            reached = reached | (own_residual <= max(float(tol), floor))
+        if atol is not None:
+            reached = reached | (own_abs <= float(atol))
+        return bad | ~reached
     slack = 1.0 - 16 * float(jnp.finfo(residual.dtype).eps)
     return bad | ((residual >= base * slack) & (base > 0))
 
@@ -103,18 +110,22 @@ def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array,
     if isinstance(solver, options.GMRES):
         v, steps = _gmres(matvec, b, v1, solver)
         steps = steps + 1
-        own = None  # GMRES stops on the residual below, relative to ||b||
+        own = own_abs = None  # GMRES stops on the residual below, relative to ||b||, or on atol
     else:
         def H(v):  # v = b + A(v) as a fixed point
             return b + v - matvec(v), None
 
         result = run_solver(H, v1, make_stepper(solver), max_iter=solver.max_iter - 1,
-                            tol=solver.tol, return_best=False, differentiable=False)
+                            tol=solver.tol, atol=solver.atol, return_best=False,
+                            differentiable=False)
         v, steps = result.fx, result.steps + 1
         own = result.final_residual  # what its tol stops on: ||H(v) - v|| / ||H(v)||
-    residual = _relative(matvec(v) - b, b)
+        own_abs = result.final_abs_residual  # and its atol: ||H(v) - v||
+    r = matvec(v) - b
+    residual = _relative(r, b)
     floor = tolerance_floor(b.dtype) if floor is None else floor
-    failed = _solve_failed(residual, base, solver.tol, residual if own is None else own, floor)
+    failed = _solve_failed(residual, base, solver.tol, residual if own is None else own, floor,
+                           solver.atol, row_norm(r) if own_abs is None else own_abs)
     return v, SolveStats(residual, steps, failed)
 
 
@@ -164,15 +175,20 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
         x = select_rows(active, x_new, x)
         r = select_rows(active, r_new, r)
         steps = steps + active.astype(jnp.int32) * (m + 1)
-        active = active & (row_norm(r) / b_norm >= solver.tol)
+        active = active & ~_gmres_reached(r, b_norm, solver)
         return vary((k + 1, x, r, active, steps), axes)
 
     r0 = b - matvec(x0)
-    carry = (jnp.zeros((), jnp.int32), x0, r0, row_norm(r0) / b_norm >= solver.tol,
+    carry = (jnp.zeros((), jnp.int32), x0, r0, ~_gmres_reached(r0, b_norm, solver),
              jnp.ones((batch,), jnp.int32))
     carry = jax.lax.while_loop(lambda c: (c[0] < solver.max_iter) & jnp.any(c[3]), body,
                                vary(carry, axes))
     return carry[1], carry[4]
+
+
+def _gmres_reached(r: jax.Array, b_norm: jax.Array, solver: options.GMRES) -> jax.Array:
+    reached = row_norm(r) / b_norm < solver.tol
+    return reached if solver.atol is None else reached | (row_norm(r) <= solver.atol)
 
 
 def _safe(norm: jax.Array) -> jax.Array:

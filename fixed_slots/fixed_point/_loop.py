@@ -20,6 +20,7 @@ class LoopResult(NamedTuple):
     residuals: jax.Array  # [batch, max_iter] relative residual per evaluation, NaN after stopping
     steps: jax.Array  # [batch] int32 evaluations spent on each row
     final_residual: jax.Array  # [batch] relative residual of the returned pair
+    final_abs_residual: jax.Array | None = None  # [batch] ||f(x) - x|| of the returned pair
 
 
 def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
@@ -76,12 +77,14 @@ def run_solver(
     max_iter: int,
     tol: float | None,
     return_best: bool,
+    atol: float | None = None,
     differentiable: bool,
     checkpoint: bool = False,
     aux_template: Any = None,
     select_aux: Callable[[jax.Array, Any, Any], Any] | None = None,
 ) -> LoopResult:
-    """Runs `max_iter` evaluations of F (fewer where rows reach `tol`).
+    """Runs `max_iter` evaluations of F (fewer where rows reach `tol` or `atol`: a row stops once
+    its relative residual is below tol or its absolute one ||F(x) - x|| at most atol).
 
     F maps [batch, features] -> ([batch, features], aux). Rows that reach `tol` are frozen: their
     iterate, solver memory and output stop changing, so they do not depend on slower rows.
@@ -100,6 +103,7 @@ def run_solver(
         x0,  # fx_out (overwritten by the first evaluation)
         aux_template,
         jnp.full((batch,), jnp.inf, jnp.float32),  # residual of the output pair
+        jnp.full((batch,), jnp.inf, jnp.float32),  # its absolute residual
         nan_trace,
         jnp.zeros((batch,), bool),  # done
         jnp.zeros((batch,), jnp.int32),  # steps
@@ -108,9 +112,10 @@ def run_solver(
     carry0 = vary(carry0, axes)
 
     def body(carry):
-        k, x, state, x_out, fx_out, aux_out, res_out, trace, done, steps = carry
+        k, x, state, x_out, fx_out, aux_out, res_out, abs_out, trace, done, steps = carry
         fx, aux = F(x)
         r = jax.lax.stop_gradient(relative_residual(x, fx)).astype(jnp.float32)
+        a = jax.lax.stop_gradient(row_norm(fx - x)).astype(jnp.float32)
         active = ~done
         trace = trace.at[:, k].set(jnp.where(active, r, jnp.nan))
         steps = steps + active.astype(jnp.int32)
@@ -118,10 +123,13 @@ def run_solver(
         x_out = select_rows(take, x, x_out)
         fx_out = select_rows(take, fx, fx_out)
         res_out = jnp.where(take, r, res_out)
+        abs_out = jnp.where(take, a, abs_out)
         if select_aux is not None:
             aux_out = select_aux(take, aux, aux_out)
         if tol is not None:
             done = done | (active & (r < tol))
+        if atol is not None:
+            done = done | (active & (a <= atol))
         x_next, new_state = stepper.update(x, fx, state)
         keep_going = ~done
         x = select_rows(keep_going, x_next, x)
@@ -129,13 +137,14 @@ def run_solver(
             lambda new, old: select_rows(keep_going, new, old)
             if new.ndim >= 1 and new.shape[0] == batch else new,
             new_state, state)
-        return vary((k + 1, x, state, x_out, fx_out, aux_out, res_out, trace, done, steps), axes)
+        return vary((k + 1, x, state, x_out, fx_out, aux_out, res_out, abs_out, trace, done,
+                     steps), axes)
 
     if differentiable:
         step = jax.checkpoint(body, prevent_cse=False) if checkpoint else body
         carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry0, None, length=max_iter)
     else:
         carry = jax.lax.while_loop(
-            lambda c: (c[0] < max_iter) & ~jnp.all(c[8]), body, carry0)
-    _, _, _, x_out, fx_out, aux_out, res_out, trace, _, steps = carry
-    return LoopResult(x_out, fx_out, aux_out, trace, steps, res_out)
+            lambda c: (c[0] < max_iter) & ~jnp.all(c[9]), body, carry0)
+    _, _, _, x_out, fx_out, aux_out, res_out, abs_out, trace, _, steps = carry
+    return LoopResult(x_out, fx_out, aux_out, trace, steps, res_out, abs_out)

@@ -66,14 +66,16 @@ class FixedPointInfo(NamedTuple):
       evaluation; NaN for evaluations skipped after reaching `tol`.
     steps: [] (or [batch]) number of f evaluations spent.
     final_residual: [] (or [batch]) relative residual of the returned estimate's evaluation.
-    converged: [] (or [batch]) bool: final_residual < tol; without tol (a fixed number of
-      evaluations is what was asked for) only that the residual is finite. None where an info is
-      built by hand with three fields.
+    converged: [] (or [batch]) bool: final_residual < tol or final_abs_residual <= atol;
+      without either (a fixed number of evaluations is what was asked for) only that the
+      residual is finite. None where an info is built by hand with three fields.
+    final_abs_residual: [] (or [batch]) ||f(z) - z|| of the returned estimate's evaluation.
     """
     residuals: jax.Array
     steps: jax.Array
     final_residual: jax.Array
     converged: jax.Array | None = None
+    final_abs_residual: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,16 +168,23 @@ def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiabl
         select_aux = _make_aux_selector(plan.batch_axis, batch)
     result = run_solver(
         F, x0, make_stepper(plan.solver), max_iter=plan.solver.max_iter, tol=plan.solver.tol,
-        return_best=plan.return_best, differentiable=differentiable, checkpoint=checkpoint,
+        atol=plan.solver.atol, return_best=plan.return_best, differentiable=differentiable, checkpoint=checkpoint,
         aux_template=aux_template, select_aux=select_aux)
     return unflatten(result.x), unflatten(result.fx), result.aux, result
 
 
 def _info(result: LoopResult, plan: _Plan) -> FixedPointInfo:
-    final = result.final_residual
-    tol = plan.solver.tol
-    converged = jnp.isfinite(final) if tol is None else final < tol
-    info = FixedPointInfo(result.residuals, result.steps, final, converged)
+    final, final_abs = result.final_residual, result.final_abs_residual
+    tol, atol = plan.solver.tol, plan.solver.atol
+    if tol is None and atol is None:
+        converged = jnp.isfinite(final)
+    else:
+        converged = jnp.zeros(final.shape, bool)
+        if tol is not None:
+            converged = converged | (final < tol)
+        if atol is not None:
+            converged = converged | (final_abs <= atol)
+    info = FixedPointInfo(result.residuals, result.steps, final, converged, final_abs)
     if plan.batch_axis is None:
         info = FixedPointInfo(*(a[0] for a in info))
     return jax.tree.map(jax.lax.stop_gradient, info)
@@ -195,9 +204,10 @@ def _zero_tangent(tree: PyTree) -> PyTree:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _solve_point(fn, plan: _Plan, params, z0, args, consts):
-    """(x*, z_out = f(x*), aux, residuals, steps, final_residual); the solve is never taped."""
+    """(x*, z_out = f(x*), aux, residuals, steps, final_residual, final_abs_residual); the solve
+    is never taped."""
     x_star, z_out, aux, r = _solve(fn, plan, params, z0, args, consts, differentiable=False)
-    return x_star, z_out, aux, r.residuals, r.steps, r.final_residual
+    return x_star, z_out, aux, r.residuals, r.steps, r.final_residual, r.final_abs_residual
 
 
 @_solve_point.defjvp
@@ -360,7 +370,7 @@ def _raise_not_converged(num, residual, tol) -> None:
     num, residual = np.sum(num), np.max(residual)
     raise FloatingPointError(
         f"fixed_point_layer: the forward solve did not converge for {int(num)} example(s) "
-        f"(final relative residual {float(residual):.3g}, tol {tol}; throw=True)")
+        f"(final relative residual {float(residual):.3g}, {tol}; throw=True)")
 
 
 def _throw_if_not_converged(info: FixedPointInfo, tol: float | None) -> None:
@@ -459,7 +469,8 @@ def fixed_point_layer(
             z_out, aux, info = _implicit_layer(converted, plan, params, z0, args,
                                                tuple(consts), probe)
     if throw:
-        _throw_if_not_converged(info, solver.tol)
+        _throw_if_not_converged(
+            info, f"tol {solver.tol}" + ("" if solver.atol is None else f", atol {solver.atol}"))
     if has_aux:
         return (z_out, jax.lax.stop_gradient(aux)), info
     return z_out, info

@@ -91,32 +91,39 @@ def _set(obj: Any, **values: Any) -> None:
 class Iterate:
     """Naive (Picard) iteration, optionally damped: z <- (1 - damping) z + damping f(z).
 
-    max_iter: f evaluations (exactly this many unless `tol` is reached first).
+    max_iter: f evaluations (exactly this many unless `tol` or `atol` is reached first).
     tol: stop once the relative residual ||f(z) - z|| / ||f(z)|| < tol (per example with
-      batch_axis); None runs exactly max_iter evaluations.
+      batch_axis); None: no relative criterion.
+    atol: stop once the absolute residual ||f(z) - z|| <= atol (Euclidean over the example's
+      state; per example with batch_axis): what certifies a fixed point at or near 0, where the
+      relative residual cannot get small. None: no absolute criterion. With neither, exactly
+      max_iter evaluations; with both, a row stops at whichever it reaches first.
     """
     max_iter: int = 7
     tol: float | None = None
     damping: float = 1.0
+    atol: float | None = None
 
     def __post_init__(self) -> None:
         _set(self, max_iter=_static_int("Iterate", "max_iter", self.max_iter),
              tol=_tol("Iterate", self.tol),
-             damping=_unit_interval("Iterate", "damping", self.damping))
+             damping=_unit_interval("Iterate", "damping", self.damping),
+             atol=_tol("Iterate", self.atol, "atol"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Anderson:
     """Anderson acceleration (type II) with `memory` past pairs, mixing beta and a ridge.
 
-    max_iter / tol as in `Iterate`. The ridge is `regularization` times the largest entry of the
-    residual Gram matrix, so it is scale-free.
+    max_iter / tol / atol as in `Iterate`. The ridge is `regularization` times the largest entry
+    of the residual Gram matrix, so it is scale-free.
     """
     max_iter: int = 7
     tol: float | None = None
     memory: int = 5
     mixing: float = 1.0
     regularization: float = 1e-4
+    atol: float | None = None
 
     def __post_init__(self) -> None:
         reg = _static_float("Anderson", "regularization", self.regularization)
@@ -125,23 +132,26 @@ class Anderson:
         _set(self, max_iter=_static_int("Anderson", "max_iter", self.max_iter),
              tol=_tol("Anderson", self.tol),
              memory=_static_int("Anderson", "memory", self.memory),
-             mixing=_unit_interval("Anderson", "mixing", self.mixing), regularization=reg)
+             mixing=_unit_interval("Anderson", "mixing", self.mixing), regularization=reg,
+             atol=_tol("Anderson", self.atol, "atol"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Broyden:
     """Limited-memory ("good") Broyden on g(z) = f(z) - z with `memory` rank-one updates.
 
-    max_iter / tol as in `Iterate`.
+    max_iter / tol / atol as in `Iterate`.
     """
     max_iter: int = 7
     tol: float | None = None
     memory: int = 30
+    atol: float | None = None
 
     def __post_init__(self) -> None:
         _set(self, max_iter=_static_int("Broyden", "max_iter", self.max_iter),
              tol=_tol("Broyden", self.tol),
-             memory=_static_int("Broyden", "memory", self.memory))
+             memory=_static_int("Broyden", "memory", self.memory),
+             atol=_tol("Broyden", self.atol, "atol"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,20 +159,23 @@ class GMRES:
     """Restarted GMRES on the adjoint's linear system (I - J^T) u = g (adjoint solver only).
 
     max_iter: restarts, each of up to `restart` Krylov vectors (one vjp each).
-    tol: relative residual at which it stops (jax.scipy.sparse.linalg.gmres's tol).
+    tol: relative residual ||(I - J^T) u - g|| / ||g|| at which it stops (jax.scipy's gmres tol).
+    atol: absolute residual ||(I - J^T) u - g|| at which it also stops (None: none).
     Unlike the fixed-point solvers it converges whenever I - J is invertible, also when the
     spectral radius of J is >= 1.
     """
     max_iter: int = 5
     tol: float = 1e-6
     restart: int = 20
+    atol: float | None = None
 
     def __post_init__(self) -> None:
         tol = _tol("GMRES", self.tol)
         if tol is None:
             raise _bad("GMRES", "tol must be > 0, got None")
         _set(self, max_iter=_static_int("GMRES", "max_iter", self.max_iter), tol=tol,
-             restart=_static_int("GMRES", "restart", self.restart))
+             restart=_static_int("GMRES", "restart", self.restart),
+             atol=_tol("GMRES", self.atol, "atol"))
 
 
 ForwardSolver = Union[Iterate, Anderson, Broyden]
