@@ -90,17 +90,28 @@ def test_each_solver_reaches_the_solution_and_the_implicit_gradient_is_exact(nam
         np.testing.assert_allclose(jacfwd, grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", ["tanh", "linear contraction", "pytree state", "matrix state"])
-def test_float32_under_strict_promotion_and_rank_raise_is_the_same(name):
+def test_strict_promotion_and_rank_raise_give_the_same_numbers(name, x64):
+    with jax.enable_x64(x64):
+        _check_strict(name, jnp.float64 if x64 else jnp.float32)
+
+
+def _check_strict(name, dtype):
     f, theta, _, _ = PROBLEMS[name]
-    theta = jnp.asarray(theta, jnp.float32)
+    theta = jnp.asarray(theta, dtype)
 
     def run(t):
         z, _ = _solve(name, t, Anderson(60, tol=1e-6))
-        return _total(jax.tree.map(lambda a: a.astype(jnp.float32), z))
+        return _total(z)
 
-    def everything(t):
-        return run(t), jax.grad(run)(t), jax.jvp(run, (t,), (jnp.ones_like(t),))[1]
+    def everything(t):  # with a probe too: the custom_vjp's statistics columns
+        probe_grad = jax.grad(lambda p: _total(fixed_point_layer(
+            lambda t, y: f(t, y), t, jax.tree.map(lambda a: jnp.asarray(a, dtype),
+                                                  PROBLEMS[name][2]),
+            solver=Anderson(60, tol=1e-6), grad=Implicit(), probe=p)[0]))(jnp.zeros(3, dtype))
+        return (run(t), jax.grad(run)(t), jax.jvp(run, (t,), (jnp.ones_like(t),))[1],
+                probe_grad)
 
     expected = jax.jit(everything)(theta)
     with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):

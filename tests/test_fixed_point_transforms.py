@@ -192,3 +192,24 @@ def test_checkpointed_unroll_gives_the_same_gradient_with_less_memory():
     memory = {c: plain.lower(p, Unroll(checkpoint=c)).compile().memory_analysis()
               .temp_size_in_bytes for c in (False, True)}
     assert memory[True] < 0.5 * memory[False], memory
+
+
+def test_explicit_mesh_axes_are_refused_with_one_message_and_auto_axes_work():
+    from jax.sharding import AxisType, NamedSharding
+    if not hasattr(jax, "set_mesh"):
+        pytest.skip("this jax has no Explicit sharding mode")
+    params, _ = make_problem()
+    xs = jax.random.normal(jax.random.key(1), (16, N))
+
+    def run(x):
+        return fixed_point_layer(f, params, jnp.zeros_like(x), x, solver=Anderson(10, tol=1e-5),
+                                 grad=Implicit(), batch_axis=0)[0]
+
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        x = jax.device_put(xs, NamedSharding(explicit, P("data")))
+        with pytest.raises(ValueError, match=r"Explicit mesh axes \['data'\]"):
+            jax.jit(run)(x)
+    auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    got = jax.jit(run)(jax.device_put(xs, NamedSharding(auto, P("data"))))
+    np.testing.assert_allclose(got, run(xs), rtol=1e-5, atol=1e-6)

@@ -152,7 +152,7 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
         def arnoldi(j, VH):
             V, H = VH
             w = matvec(V[:, j])
-            mask = (jnp.arange(m + 1) <= j).astype(b.dtype)
+            mask = (jnp.arange(m + 1, dtype=jnp.asarray(j).dtype) <= j).astype(b.dtype)
             h = jnp.zeros((batch, m + 1), b.dtype)
             for _ in range(2):  # CGS2: re-orthogonalise once for float32 stability
                 hi = jnp.einsum("bkn,bn->bk", V, w) * mask[None, :]

@@ -91,6 +91,34 @@ class _Plan:
 
 # --------------------------------------------------------------------------- checks
 
+def _explicit_axes(tree: PyTree) -> set:
+    """Mesh axes of jax's Explicit sharding mode ("sharding in types") that a leaf is sharded
+    over; empty under the default Auto axes and shard_map's Manual ones."""
+    axes = set()
+    for leaf in jax.tree.leaves(tree):
+        try:
+            sharding = jax.typeof(leaf).sharding
+            explicit = set(getattr(sharding.mesh, "explicit_axes", ()) or ())
+            spec = sharding.spec
+        except Exception:  # a Python scalar, an older jax: nothing sharded in types
+            continue
+        for entry in spec:
+            for name in (entry if isinstance(entry, tuple) else (entry,)):
+                if name is not None and name in explicit:
+                    axes.add(name)
+    return axes
+
+
+def _check_not_explicitly_sharded(params, z0, args) -> None:
+    axes = _explicit_axes((params, z0, args))
+    if axes:
+        raise ValueError(
+            f"fixed_point_layer: an input is sharded over Explicit mesh axes {sorted(axes)} "
+            "(jax.make_mesh's sharding-in-types mode), which the layer does not support. Use "
+            "Auto axes (jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * n)) or "
+            "call it inside jax.shard_map.")
+
+
 def _check_state_structure(f, params, z0, args, has_aux) -> None:
     """Traces f abstractly. Raises on a state that f does not preserve."""
     try:
@@ -280,9 +308,8 @@ def _implicit_bwd(fn, plan: _Plan, residuals, cotangents):
     d_params, d_args, d_consts = vjp_w(unflatten(u))
     d_probe = None
     if plan.with_probe:
-        columns = jnp.stack([stats.residual, stats.steps.astype(jnp.float32),
-                             stats.failed.astype(jnp.float32)], axis=-1)  # [batch, 3]
-        d_probe = _squeeze(plan, columns).astype(probe.dtype)
+        columns = jnp.stack([c.astype(probe.dtype) for c in stats], axis=-1)  # [batch, 3]
+        d_probe = _squeeze(plan, columns)
     return d_params, _zero_tangent(x_star), d_args, d_consts, d_probe
 
 
@@ -432,6 +459,7 @@ def fixed_point_layer(
     if batch_axis is not None:
         batch_axis = options._static_int("fixed_point_layer", "batch_axis", batch_axis,
                                          minimum=-(2 ** 31))
+    _check_not_explicitly_sharded(params, z0, args)
     _check_state_structure(f, params, z0, args, has_aux)
     _, _, batch = make_flattener(z0, batch_axis)
     if probe is not None:
