@@ -26,6 +26,14 @@ def test_fixed_point_memory_benchmark_runs():
     assert "peak temp memory T=3 / T=1" in out
 
 
+def test_dvae_pointwise_benchmark_times_both_paths_and_checks_they_agree():
+    out = run(["benchmarks/dvae_pointwise.py", "--image_size=8", "--batch=1", "--hidden=8",
+               "--vocab=4", "--repeats=1"])
+    assert "| conv |" in out and "| matmul |" in out
+    worst = float(out.rsplit("gradients: ", 1)[1].split()[0])
+    assert worst < 1e-5
+
+
 def test_train_step_benchmark_runs():
     out = run(["benchmarks/train_step.py", "--config=configs/default.py:tiny", "--iters=1",
                "--grads=neumann1", "--steps=1", "--decode_repeats=1"])
