@@ -6,7 +6,7 @@ Arms (T = the paper's number of slot-attention iterations):
   IN          naive iteration forward, first-order Neumann backward (`neumann1`), T=7
   IB, BN, BB  Broyden forward and/or Broyden adjoint (Table 2's other variants), T=7
 The main comparison is IN vs vanilla (6 seeds); the other arms have 3 seeds. The runs of record
-(docs/results.md, 800 steps): 5 seeds of vanilla and IN, seed 0 of vanilla_T8, BN and BB.
+(docs/results.md, 800 steps): 5 seeds of vanilla and IN, seeds 0-2 of vanilla_T8, BN, BB, IB.
 
   DATA=/work/data/tfds W=/work/runs/study_clevr_mirror
   python -m fixed_slots.data_prep build clevr_mirror --source=/work/shared/data/clevr_mirror --data_dir=$DATA
@@ -19,7 +19,7 @@ The main comparison is IN vs vanilla (6 seeds); the other arms have 3 seeds. The
       --workdir=$W --seeds=0,1,2 --only=vanilla_T8,BN,BB,IB --set=data.data_dir=$DATA
   python -m fixed_slots.experiments.report --sweep_dir=$W --out=$W/report \\
       --paired=IN-vanilla,IN-vanilla_T8,BN-vanilla,BB-vanilla,IB-vanilla \\
-      --tags=cross_entropy,loss,grad_norm,slot_attention_grad_norm,jacobian_spectral_norm,slot_residual
+      --tags=cross_entropy,loss,grad_norm,slot_attention_grad_norm,jacobian_spectral_norm,slot_residual,adjoint_failed
 
 The report states whether IN - vanilla on FG-ARI is decided (one-sided exact sign-flip test
 over the 6 paired seeds, p < 0.05; 3 seeds could never reach it: 2^-3 = 0.125) and puts the
