@@ -133,9 +133,11 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
            ) -> tuple[jax.Array, jax.Array]:
     """Restarted GMRES, one Krylov space per row: (x [batch, n], matvecs spent [batch]).
 
-    Each restart builds min(restart, n) Arnoldi vectors (classical Gram-Schmidt, twice) and
-    solves the small least-squares problem by SVD (robust to breakdown); rows whose relative
-    residual ||b - M x|| / ||b|| is below tol stop, as in the fixed-point loop. Written here
+    Each restart builds up to min(restart, n) Arnoldi vectors (classical Gram-Schmidt, twice),
+    stopping inside the cycle once every active row's Givens residual estimate reaches the
+    tolerance, and solves the small least-squares problem by SVD (robust to breakdown); rows
+    whose true relative residual ||b - M x|| / ||b|| is below tol stop, as in the fixed-point
+    loop (an optimistic estimate only costs another restart). Written here
     rather than jax.scipy's gmres so that each example is its own problem and the loops keep
     their types under shard_map.
     """
@@ -144,15 +146,22 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
     b_norm = row_norm(b) + _TINY
     axes = varying_axes(b, x0)
 
-    def cycle(x, r):
+    def cycle(x, r, active):
+        """One restart from x (residual r): Arnoldi vectors until each active row's residual
+        estimate (Givens rotations of the Hessenberg matrix: |g_(j+1)| = ||r - M V y||)
+        reaches the tolerance, at most m; then (x + V y, columns built per row)."""
         beta = row_norm(r)
         V = jnp.zeros((batch, m + 1, n), b.dtype).at[:, 0].set(r / _safe(beta)[:, None])
         H = jnp.zeros((batch, m + 1, m), b.dtype)
+        rot = jnp.zeros((batch, 2, m), b.dtype)  # Givens cosines and sines so far
+        g = jnp.zeros((batch, m + 1), b.dtype).at[:, 0].set(beta)
+        columns = jnp.zeros((batch,), jnp.int32)
+        idx = jnp.arange(m + 1, dtype=jnp.int32)
 
-        def arnoldi(j, VH):
-            V, H = VH
+        def arnoldi(carry):
+            j, V, H, rot, g, building, columns = carry
             w = matvec(V[:, j])
-            mask = (jnp.arange(m + 1, dtype=jnp.asarray(j).dtype) <= j).astype(b.dtype)
+            mask = (idx <= j).astype(b.dtype)
             h = jnp.zeros((batch, m + 1), b.dtype)
             for _ in range(2):  # CGS2: re-orthogonalise once for float32 stability
                 hi = jnp.einsum("bkn,bn->bk", V, w) * mask[None, :]
@@ -160,21 +169,46 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
                 h = h + hi
             norm = row_norm(w)
             h = h.at[:, j + 1].set(norm)
-            V = V.at[:, j + 1].set(w / _safe(norm)[:, None] * (norm > _TINY).astype(b.dtype)[:, None])
-            return vary((V, H.at[:, :, j].set(h)), axes)
+            keep = building.astype(b.dtype)[:, None]  # finished rows add no column
+            V = V.at[:, j + 1].set(w / _safe(norm)[:, None] * (norm > _TINY).astype(b.dtype)[:, None]
+                                   * keep)
+            H = H.at[:, :, j].set(h * keep)
+            # The residual estimate: rotate the new column by the earlier rotations, then
+            # annihilate its subdiagonal entry with a new one, applied to g as well.
+            hr = h
+            for i in range(m):  # static; rotation i acts on entries (i, i + 1) when i < j
+                c, sn = rot[:, 0, i], rot[:, 1, i]
+                a, d = hr[:, i], hr[:, i + 1]
+                on = i < j
+                hr = hr.at[:, i].set(jnp.where(on, c * a + sn * d, a))
+                hr = hr.at[:, i + 1].set(jnp.where(on, -sn * a + c * d, d))
+            a, d = hr[:, j], hr[:, j + 1]
+            radius = jnp.sqrt(a * a + d * d)
+            c = jnp.where(radius > _TINY, a / _safe(radius), 1.0)
+            sn = jnp.where(radius > _TINY, d / _safe(radius), 0.0)
+            rot = rot.at[:, 0, j].set(c).at[:, 1, j].set(sn)
+            gj = g[:, j]
+            g = g.at[:, j].set(c * gj).at[:, j + 1].set(-sn * gj)
+            columns = columns + building.astype(jnp.int32)
+            building = building & ~_gmres_reached_norm(jnp.abs(g[:, j + 1]), b_norm, solver)
+            return vary((j + 1, V, H, rot, g, building, columns), axes)
 
-        V, H = jax.lax.fori_loop(0, m, arnoldi, vary((V, H), axes))
+        carry = (jnp.zeros((), jnp.int32), V, H, rot, g, active, columns)
+        _, V, H, _, _, _, columns = jax.lax.while_loop(
+            lambda c: (c[0] < m) & jnp.any(c[5]), arnoldi, vary(carry, axes))
+        # The small least-squares problem over each row's own columns (the rest are zero), by
+        # SVD: robust to breakdown.
         e1 = jnp.zeros((batch, m + 1), b.dtype).at[:, 0].set(beta)
         y = jax.vmap(lambda h, e: jnp.linalg.lstsq(h, e)[0])(H, e1)  # [batch, m]
-        return x + jnp.einsum("bk,bkn->bn", y, V[:, :m])
+        return x + jnp.einsum("bk,bkn->bn", y, V[:, :m]), columns
 
     def body(carry):
         k, x, r, active, steps = carry
-        x_new = cycle(x, r)
+        x_new, columns = cycle(x, r, active)
         r_new = b - matvec(x_new)
         x = select_rows(active, x_new, x)
         r = select_rows(active, r_new, r)
-        steps = steps + active.astype(jnp.int32) * (m + 1)
+        steps = steps + active.astype(jnp.int32) * (columns + 1)
         active = active & ~_gmres_reached(r, b_norm, solver)
         return vary((k + 1, x, r, active, steps), axes)
 
@@ -187,8 +221,13 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
 
 
 def _gmres_reached(r: jax.Array, b_norm: jax.Array, solver: options.GMRES) -> jax.Array:
-    reached = row_norm(r) / b_norm < solver.tol
-    return reached if solver.atol is None else reached | (row_norm(r) <= solver.atol)
+    return _gmres_reached_norm(row_norm(r), b_norm, solver)
+
+
+def _gmres_reached_norm(r_norm: jax.Array, b_norm: jax.Array, solver: options.GMRES
+                        ) -> jax.Array:
+    reached = r_norm / b_norm < solver.tol
+    return reached if solver.atol is None else reached | (r_norm <= solver.atol)
 
 
 def _safe(norm: jax.Array) -> jax.Array:
