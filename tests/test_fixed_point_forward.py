@@ -125,7 +125,8 @@ def test_reverse_mode_without_a_probe_is_the_probes_reverse_mode():
 
 @pytest.mark.parametrize("mode", ["jvp", "grad"])
 def test_forward_and_reverse_apply_the_failure_policy_at_j_equal_minus_one(mode, monkeypatch):
-    """f(z) = a z + x at a = -1: z* = x / (1 - a) = x / 2, dz*/da = x / (1 - a)^2 = x / 4. Anderson solves the forward;
+    """f(z) = a z + x at a = -1: z* = x / (1 - a) = x / 2, dz*/da = x / (1 - a)^2 = x / 4.
+    Anderson solves the forward;
     an iterative adjoint cannot converge at J = -1, so 'nan' must give NaN, 'fallback' the
     first-order answer (dz = f_a da = z*), GMRES the exact one, in both modes."""
     monkeypatch.setattr(layer_module, "_fallback_count", [0])  # it warns at the 1st failure

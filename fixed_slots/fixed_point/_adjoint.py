@@ -170,8 +170,8 @@ def _gmres(matvec: Linear, b: jax.Array, x0: jax.Array, solver: options.GMRES
             norm = row_norm(w)
             h = h.at[:, j + 1].set(norm)
             keep = building.astype(b.dtype)[:, None]  # finished rows add no column
-            V = V.at[:, j + 1].set(w / _safe(norm)[:, None] * (norm > _TINY).astype(b.dtype)[:, None]
-                                   * keep)
+            unit = w / _safe(norm)[:, None] * (norm > _TINY).astype(b.dtype)[:, None]
+            V = V.at[:, j + 1].set(unit * keep)
             H = H.at[:, :, j].set(h * keep)
             # The residual estimate: rotate the new column by the earlier rotations, then
             # annihilate its subdiagonal entry with a new one, applied to g as well.

@@ -59,7 +59,8 @@ def anderson(memory: int = 5, mixing: float = 1.0, regularization: float = 1e-4)
         xs = state.xs.at[:, state.head].set(x)
         fs = state.fs.at[:, state.head].set(fx)
         count = jnp.minimum(state.count + 1, memory)
-        valid = jnp.arange(memory, dtype=count.dtype) < count  # slots fill in order 0..memory-1 before wrapping
+        # slots fill in order 0..memory-1 before wrapping
+        valid = jnp.arange(memory, dtype=count.dtype) < count
         residuals = fs - xs  # [batch, memory, features]
         gram = jnp.einsum("bif,bjf->bij", residuals, residuals)
         pair_valid = valid[:, None] & valid[None, :]

@@ -196,8 +196,8 @@ def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiabl
         select_aux = _make_aux_selector(plan.batch_axis, batch)
     result = run_solver(
         F, x0, make_stepper(plan.solver), max_iter=plan.solver.max_iter, tol=plan.solver.tol,
-        atol=plan.solver.atol, return_best=plan.return_best, differentiable=differentiable, checkpoint=checkpoint,
-        aux_template=aux_template, select_aux=select_aux)
+        atol=plan.solver.atol, return_best=plan.return_best, differentiable=differentiable,
+        checkpoint=checkpoint, aux_template=aux_template, select_aux=select_aux)
     return unflatten(result.x), unflatten(result.fx), result.aux, result
 
 
