@@ -4,7 +4,8 @@ Each method runs T forward iterations of the same map from the same start (a fix
 default; optimistix with rtol = atol = 0 and throw=False; jaxopt with tol=0) and differentiates
 loss = sum(w * z_T) w.r.t. the map's parameters. Per-example problems: ours with batch_axis=0,
 the others under jax.vmap. For each method the script compiles `jit(value_and_grad(loss))` and
-prints XLA's compiled temporary memory, the median wall time of the compiled call, and the
+prints XLA's compiled temporary memory, the wall time of the compiled call (median, min and
+max over --repeats rounds in which every method is timed in turn: one interleaved run), and the
 relative difference of its gradient from ours with an exact adjoint (GMRES), so that methods
 computing the same estimator can be seen to agree.
 
@@ -187,17 +188,53 @@ def methods(gmres_steps: int) -> list[tuple[str, str, Callable]]:
 REFERENCE = "Implicit(GMRES)"
 
 
-def measure(loss: Callable, params: PyTree, repeats: int) -> tuple[float, float, PyTree]:
-    fn = jax.jit(jax.value_and_grad(loss))
-    compiled = fn.lower(params).compile()
+class Compiled(NamedTuple):
+    lib: str
+    label: str
+    call: Callable  # compiled value_and_grad: params -> (value, grads)
+    temp_mib: float
+    grads: PyTree
+    inner: int  # calls per timed sample, so that one sample lasts >= MIN_SAMPLE_S
+
+
+MIN_SAMPLE_S = 0.02
+
+
+def compile_method(lib: str, label: str, loss: Callable, params: PyTree) -> Compiled:
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
     temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
     _, grads = jax.block_until_ready(compiled(params))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params))
-        times.append(time.perf_counter() - start)
-    return temp_mib, 1e3 * statistics.median(times), grads
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params))
+    once = time.perf_counter() - start
+    return Compiled(lib, label, compiled, temp_mib, grads,
+                    inner=max(1, min(50, int(MIN_SAMPLE_S / max(once, 1e-6)))))
+
+
+def interleaved_times(methods: list[Compiled], params: PyTree, rounds: int) -> list[list[float]]:
+    """ms per call of each method: `rounds` samples each, taken in turn.
+
+    Round r times every method once, starting at method r mod n, so that a slow spell of a
+    shared machine (or a warm cache) falls on all methods alike rather than on whichever ran
+    then; a sample is the mean of `inner` back-to-back calls (short calls are timed in blocks).
+    """
+    samples: list[list[float]] = [[] for _ in methods]
+    for r in range(rounds):
+        for k in range(len(methods)):
+            i = (r + k) % len(methods)
+            m = methods[i]
+            start = time.perf_counter()
+            for _ in range(m.inner):
+                out = m.call(params)
+            jax.block_until_ready(out)
+            samples[i].append(1e3 * (time.perf_counter() - start) / m.inner)
+    return samples
+
+
+def spread(ms: list[float]) -> str:
+    """median (min-max) in ms."""
+    fmt = lambda t: f"{t:.0f}" if t >= 100 else f"{t:.1f}" if t >= 10 else f"{t:.2f}"
+    return f"{fmt(statistics.median(ms))} ({fmt(min(ms))}-{fmt(max(ms))})"
 
 
 def relative_difference(a: PyTree, b: PyTree) -> float:
@@ -249,28 +286,34 @@ def main() -> None:
             raise SystemExit(f"unknown problem {name!r}; valid: tanh, slot_attention")
 
     for pb in problems:
-        print(f"\n## {pb.name}, T={pb.iterations}, state {jax.tree.map(jnp.shape, pb.z0)}\n")
-        print("| library | gradient | compiled temp memory | time per value_and_grad | "
-              f"grad. rel. diff. vs ours {REFERENCE} |")
-        print("|---|---|---|---|---|")
+        print(f"\n## {pb.name}, T={pb.iterations}, state {jax.tree.map(jnp.shape, pb.z0)}\n",
+              flush=True)
         all_methods = methods(gmres_steps=4 * 20)
-        # The reference first, so that every row prints as soon as it is measured.
+        # The reference first: every other row's gradient is compared with it.
         all_methods.sort(key=lambda m: not (m[0] == "ours" and m[1] == REFERENCE))
-        reference = None
+        compiled, failures = [], []
         for lib, label, make in all_methods:
             if lib not in libraries or not available[lib] or label in skip:
                 continue
             try:
-                mib, ms, grads = measure(make(pb), pb.params, args.repeats)
+                compiled.append(compile_method(lib, label, make(pb), pb.params))
             except Exception as e:  # a method that fails on a problem is a finding, not a crash
-                print(f"| {lib} | {label} | | | fails: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:80]} |", flush=True)
-                continue
-            if reference is None and lib == "ours" and label == REFERENCE:
-                reference = grads
-            diff = f"{relative_difference(grads, reference):.1e}" if reference is not None else "-"
-            print(f"| {lib} | {label} | {mib:.2f} MiB | {ms:.2f} ms | {diff} |", flush=True)
-
+                failures.append(f"| {lib} | {label} | | | fails: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:80]} |")
+        times = interleaved_times(compiled, pb.params, args.repeats)
+        reference = next((m.grads for m in compiled
+                          if m.lib == "ours" and m.label == REFERENCE), None)
+        print(f"{args.repeats} interleaved rounds; ms per call: median (min-max)\n")
+        print("| library | gradient | compiled temp memory | time per value_and_grad | "
+              f"grad. rel. diff. vs ours {REFERENCE} |")
+        print("|---|---|---|---|---|")
+        for m, ms in zip(compiled, times):
+            diff = (f"{relative_difference(m.grads, reference):.1e}" if reference is not None
+                    else "-")
+            print(f"| {m.lib} | {m.label} | {m.temp_mib:.2f} MiB | {spread(ms)} | {diff} |")
+        for row in failures:
+            print(row)
+        print(flush=True)
 
 if __name__ == "__main__":
     main()
