@@ -116,8 +116,8 @@ def _solve(solver: options.AdjointSolver, matvec: Linear, b: jax.Array,
             return b + v - matvec(v), None
 
         result = run_solver(H, v1, make_stepper(solver), max_iter=solver.max_iter - 1,
-                            tol=solver.tol, atol=solver.atol, return_best=False,
-                            differentiable=False)
+                            tol=solver.tol, atol=solver.atol, norm=solver.norm,
+                            return_best=False, differentiable=False)
         v, steps = result.fx, result.steps + 1
         own = result.final_residual  # what its tol stops on: ||H(v) - v|| / ||H(v)||
         own_abs = result.final_abs_residual  # and its atol: ||H(v) - v||

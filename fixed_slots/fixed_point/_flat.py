@@ -106,7 +106,21 @@ def select_rows(mask: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax
     return jnp.where(mask, on_true, on_false)
 
 
-def row_norm(x: jax.Array) -> jax.Array:
-    """Euclidean norm of each row, in float32 or wider. [batch, features] -> [batch]."""
+NORMS = ("two", "max", "rms")
+
+
+def row_norm(x: jax.Array, norm: str = "two") -> jax.Array:
+    """Norm of each row, in float32 or wider. [batch, features] -> [batch].
+
+    "two": Euclidean; "max": largest absolute entry; "rms": Euclidean / sqrt(features), the
+    root mean square (optimistix's two_norm, max_norm and rms_norm).
+    """
     x = x.astype(_at_least_float32(x.dtype))
-    return jnp.sqrt(jnp.sum(x * x, axis=1))
+    if norm == "max":
+        return jnp.max(jnp.abs(x), axis=1)
+    two = jnp.sqrt(jnp.sum(x * x, axis=1))
+    if norm == "rms":
+        return two / jnp.sqrt(jnp.asarray(max(x.shape[1], 1), two.dtype))
+    if norm != "two":
+        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    return two

@@ -23,13 +23,13 @@ class LoopResult(NamedTuple):
     final_abs_residual: jax.Array | None = None  # [batch] ||f(x) - x|| of the returned pair
 
 
-def relative_residual(x: jax.Array, fx: jax.Array) -> jax.Array:
+def relative_residual(x: jax.Array, fx: jax.Array, norm: str = "two") -> jax.Array:
     """||f(x) - x|| / (||f(x)|| + eps) per row; at a fixed point this is the paper's ||f(z)-z||/||z||.
 
     The denominator uses f(x) rather than x so that a zero initial state (common in DEQs) does
-    not blow the first residual up.
+    not blow the first residual up. `norm`: see _flat.row_norm.
     """
-    return row_norm(fx - x) / (row_norm(fx) + _RESIDUAL_EPS)
+    return row_norm(fx - x, norm) / (row_norm(fx, norm) + _RESIDUAL_EPS)
 
 
 # ---------------------------------------------------------------- shard_map (check_vma=True)
@@ -78,13 +78,15 @@ def run_solver(
     tol: float | None,
     return_best: bool,
     atol: float | None = None,
+    norm: str = "two",
     differentiable: bool,
     checkpoint: bool = False,
     aux_template: Any = None,
     select_aux: Callable[[jax.Array, Any, Any], Any] | None = None,
 ) -> LoopResult:
     """Runs `max_iter` evaluations of F (fewer where rows reach `tol` or `atol`: a row stops once
-    its relative residual is below tol or its absolute one ||F(x) - x|| at most atol).
+    its relative residual is below tol or its absolute one ||F(x) - x|| at most atol; both, and
+the residuals returned, in `norm`).
 
     F maps [batch, features] -> ([batch, features], aux). Rows that reach `tol` are frozen: their
     iterate, solver memory and output stop changing, so they do not depend on slower rows.
@@ -114,8 +116,8 @@ def run_solver(
     def body(carry):
         k, x, state, x_out, fx_out, aux_out, res_out, abs_out, trace, done, steps = carry
         fx, aux = F(x)
-        r = jax.lax.stop_gradient(relative_residual(x, fx)).astype(jnp.float32)
-        a = jax.lax.stop_gradient(row_norm(fx - x)).astype(jnp.float32)
+        r = jax.lax.stop_gradient(relative_residual(x, fx, norm)).astype(jnp.float32)
+        a = jax.lax.stop_gradient(row_norm(fx - x, norm)).astype(jnp.float32)
         active = ~done
         trace = trace.at[:, k].set(jnp.where(active, r, jnp.nan))
         steps = steps + active.astype(jnp.int32)

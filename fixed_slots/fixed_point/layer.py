@@ -63,7 +63,7 @@ class FixedPointInfo(NamedTuple):
     """Solver diagnostics (no gradient). Per-example with a batch axis, else one row squeezed.
 
     residuals: [max_iter] (or [batch, max_iter]) relative residual ||f(z)-z|| / ||f(z)|| at each
-      evaluation; NaN for evaluations skipped after reaching `tol`.
+      evaluation, in the solver's `norm`; NaN for evaluations skipped after reaching `tol`.
     steps: [] (or [batch]) number of f evaluations spent.
     final_residual: [] (or [batch]) relative residual of the returned estimate's evaluation.
     converged: [] (or [batch]) bool: final_residual < tol or final_abs_residual <= atol;
@@ -196,7 +196,8 @@ def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiabl
         select_aux = _make_aux_selector(plan.batch_axis, batch)
     result = run_solver(
         F, x0, make_stepper(plan.solver), max_iter=plan.solver.max_iter, tol=plan.solver.tol,
-        atol=plan.solver.atol, return_best=plan.return_best, differentiable=differentiable,
+        atol=plan.solver.atol, norm=plan.solver.norm, return_best=plan.return_best,
+        differentiable=differentiable,
         checkpoint=checkpoint, aux_template=aux_template, select_aux=select_aux)
     return unflatten(result.x), unflatten(result.fx), result.aux, result
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Union
 
 import jax
 
+from fixed_slots.fixed_point._flat import NORMS
+
 ON_FAILURE = ("fallback", "nan", "raise")
 
 
@@ -73,6 +75,12 @@ def _tol(owner: str, value: Any, name: str = "tol") -> float | None:
     return out
 
 
+def _norm(owner: str, value: Any) -> str:
+    if value not in NORMS:
+        raise _bad(owner, f"norm must be one of {', '.join(map(repr, NORMS))}, got {value!r}")
+    return value
+
+
 def _unit_interval(owner: str, name: str, value: Any) -> float:
     out = _static_float(owner, name, value)
     if not 0.0 < out <= 1.0:
@@ -94,28 +102,33 @@ class Iterate:
     max_iter: f evaluations (exactly this many unless `tol` or `atol` is reached first).
     tol: stop once the relative residual ||f(z) - z|| / ||f(z)|| < tol (per example with
       batch_axis); None: no relative criterion.
-    atol: stop once the absolute residual ||f(z) - z|| <= atol (Euclidean over the example's
+    atol: stop once the absolute residual ||f(z) - z|| <= atol (in `norm`, over the example's
       state; per example with batch_axis): what certifies a fixed point at or near 0, where the
       relative residual cannot get small. None: no absolute criterion. With neither, exactly
       max_iter evaluations; with both, a row stops at whichever it reaches first.
+    norm: the norm of both residuals (and of `FixedPointInfo`'s): "two" (Euclidean, the
+      default), "max" (largest absolute entry) or "rms" (Euclidean / sqrt(state size)), over
+      each example's whole state (every leaf of a pytree). The relative residual is the same
+      in "two" and "rms"; atol is not.
     """
     max_iter: int = 7
     tol: float | None = None
     damping: float = 1.0
     atol: float | None = None
+    norm: str = "two"
 
     def __post_init__(self) -> None:
         _set(self, max_iter=_static_int("Iterate", "max_iter", self.max_iter),
              tol=_tol("Iterate", self.tol),
              damping=_unit_interval("Iterate", "damping", self.damping),
-             atol=_tol("Iterate", self.atol, "atol"))
+             atol=_tol("Iterate", self.atol, "atol"), norm=_norm("Iterate", self.norm))
 
 
 @dataclasses.dataclass(frozen=True)
 class Anderson:
     """Anderson acceleration (type II) with `memory` past pairs, mixing beta and a ridge.
 
-    max_iter / tol / atol as in `Iterate`. The ridge is `regularization` times the largest entry
+    max_iter / tol / atol / norm as in `Iterate`. The ridge is `regularization` times the largest entry
     of the residual Gram matrix, so it is scale-free.
     """
     max_iter: int = 7
@@ -124,6 +137,7 @@ class Anderson:
     mixing: float = 1.0
     regularization: float = 1e-4
     atol: float | None = None
+    norm: str = "two"
 
     def __post_init__(self) -> None:
         reg = _static_float("Anderson", "regularization", self.regularization)
@@ -133,25 +147,26 @@ class Anderson:
              tol=_tol("Anderson", self.tol),
              memory=_static_int("Anderson", "memory", self.memory),
              mixing=_unit_interval("Anderson", "mixing", self.mixing), regularization=reg,
-             atol=_tol("Anderson", self.atol, "atol"))
+             atol=_tol("Anderson", self.atol, "atol"), norm=_norm("Anderson", self.norm))
 
 
 @dataclasses.dataclass(frozen=True)
 class Broyden:
     """Limited-memory ("good") Broyden on g(z) = f(z) - z with `memory` rank-one updates.
 
-    max_iter / tol / atol as in `Iterate`.
+    max_iter / tol / atol / norm as in `Iterate`.
     """
     max_iter: int = 7
     tol: float | None = None
     memory: int = 30
     atol: float | None = None
+    norm: str = "two"
 
     def __post_init__(self) -> None:
         _set(self, max_iter=_static_int("Broyden", "max_iter", self.max_iter),
              tol=_tol("Broyden", self.tol),
              memory=_static_int("Broyden", "memory", self.memory),
-             atol=_tol("Broyden", self.atol, "atol"))
+             atol=_tol("Broyden", self.atol, "atol"), norm=_norm("Broyden", self.norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +176,7 @@ class GMRES:
     max_iter: restarts, each of up to `restart` Krylov vectors (one vjp each).
     tol: relative residual ||(I - J^T) u - g|| / ||g|| at which it stops (jax.scipy's gmres tol).
     atol: absolute residual ||(I - J^T) u - g|| at which it also stops (None: none).
+    Both in the Euclidean norm, the one GMRES minimises (no `norm` option).
     Unlike the fixed-point solvers it converges whenever I - J is invertible, also when the
     spectral radius of J is >= 1.
     """
