@@ -19,22 +19,9 @@ from fixed_slots.fixed_point import (
     Unroll,
     fixed_point_layer,
 )
+from fixed_point_problems import N, tanh_map as f, tanh_problem
 
-N = 5
 WEIGHTS = np.linspace(-1.0, 2.0, N)
-
-
-def make_problem(contraction=0.6):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    W = jax.random.normal(k1, (N, N), jnp.float64)
-    W = contraction * W / jnp.linalg.norm(W, 2)
-    b = 0.1 * jax.random.normal(k2, (N,), jnp.float64)
-    x = jax.random.normal(k3, (N,), jnp.float64)
-    return {"W": W, "b": b}, x
-
-
-def f(params, z, x):
-    return jnp.tanh(z @ params["W"].T + params["b"] + x)
 
 
 def solve(params, x, grad, solver=Iterate(120), probe=None):
@@ -63,7 +50,7 @@ EXACT = [Implicit(GMRES(tol=1e-13)), Implicit(Iterate(120)), Implicit(Anderson(6
 @pytest.mark.parametrize("grad", EXACT, ids=lambda g: repr(g)[:48])
 def test_forward_mode_matches_autodiff_of_a_long_unroll(grad, transform):
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
         got = jax.jit(lambda x: TRANSFORMS[transform](lambda xx: solve(params, xx, grad), x))(x)
         ref = jax.jit(lambda x: TRANSFORMS[transform](lambda xx: solve(params, xx, Unroll()),
                                                       x))(x)
@@ -73,7 +60,7 @@ def test_forward_mode_matches_autodiff_of_a_long_unroll(grad, transform):
 
 def test_forward_mode_with_respect_to_params_and_a_closure():
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
 
         def z_of(W, grad):  # W closed over by f; b explicit
             return fixed_point_layer(lambda b, z, x: f({"W": W, "b": b}, z, x), params["b"],
@@ -90,7 +77,7 @@ def test_forward_mode_is_the_transpose_of_the_probes_reverse_mode(grad):
     """jacfwd (the custom_jvp) and jacrev with a probe (the custom_vjp): one estimator, both
     ways, for the truncated estimators too (which a long unroll does not match)."""
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
         forward = jax.jacfwd(lambda xx: solve(params, xx, grad))(x)
         reverse = jax.jacrev(lambda xx: solve(params, xx, grad, probe=jnp.zeros(3)))(x)
         unroll = jax.jacfwd(lambda xx: solve(params, xx, Unroll()))(x)
@@ -101,7 +88,7 @@ def test_forward_mode_is_the_transpose_of_the_probes_reverse_mode(grad):
 
 def test_series_1_tangent_treats_the_solution_as_a_constant():
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
         z_star = solve(params, x, Unroll())
         got = jax.jacfwd(lambda xx: solve(params, xx, Series(1)))(x)
         ref = jax.jacfwd(lambda xx: f(params, z_star, xx))(x)
@@ -112,7 +99,7 @@ def test_reverse_mode_without_a_probe_is_the_probes_reverse_mode():
     """Without a probe reverse mode is the transpose of the tangent rule; with one it is the
     custom_vjp. Same gradients, every gradient object."""
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
         for grad in (Implicit(), Implicit(Iterate(40)), Series(1), Series(4)):
             def l(p, probe):
                 z = solve(p, x, grad, probe=probe)
@@ -154,7 +141,7 @@ def test_forward_and_reverse_apply_the_failure_policy_at_j_equal_minus_one(mode,
 def test_reverse_mode_memory_does_not_grow_with_the_solvers_iterations():
     """O(1) memory in the iterations without a probe too: the solve is never taped."""
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
 
         def temp_bytes(max_iter):
             g = jax.jit(jax.grad(lambda p: loss(p, x, Implicit(), Iterate(max_iter))))
@@ -170,7 +157,7 @@ def test_reverse_mode_memory_does_not_grow_with_the_solvers_iterations():
 
 def test_forward_mode_with_a_batch_axis_under_vmap_and_jit():
     with jax.enable_x64(True):
-        params, _ = make_problem()
+        params, _ = tanh_problem(jnp.float64)
         xs = jax.random.normal(jax.random.key(3), (4, N), jnp.float64)
 
         def z_of(xs, grad):
@@ -191,6 +178,6 @@ def test_forward_mode_with_a_probe_is_refused_by_jax_not_wrong():
     """With a probe the layer is a custom_vjp (reverse mode only): jvp raises, it never returns
     a tangent that ignores the solve."""
     with jax.enable_x64(True):
-        params, x = make_problem()
+        params, x = tanh_problem(jnp.float64)
         with pytest.raises(TypeError, match="custom_vjp"):
             jax.jvp(lambda xx: solve(params, xx, Implicit(), probe=jnp.zeros(3)), (x,), (x,))

@@ -21,22 +21,9 @@ from fixed_slots.fixed_point import (
     Unroll,
     fixed_point_layer,
 )
+from fixed_point_problems import N, tanh_map as f, tanh_problem
 
-N = 5
 WEIGHTS = jnp.linspace(-1.0, 2.0, N)
-
-
-def make_problem(dtype=jnp.float32, contraction=0.6):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    W = jax.random.normal(k1, (N, N), dtype)
-    W = contraction * W / jnp.linalg.norm(W, 2)
-    b = 0.1 * jax.random.normal(k2, (N,), dtype)
-    x = jax.random.normal(k3, (N,), dtype)
-    return {"W": W, "b": b}, x
-
-
-def f(params, z, x):  # z, x: [N] or [batch, N]
-    return jnp.tanh(z @ params["W"].T + params["b"] + x)
 
 
 # --------------------------------------------------------------------------- shard_map
@@ -56,7 +43,7 @@ CASES = [
 def test_shard_map_with_default_check_vma_matches_the_unsharded_call(solver, grad):
     assert len(jax.devices()) == 8
     mesh = jax.make_mesh((8,), ("data",))
-    params, _ = make_problem()
+    params, _ = tanh_problem()
     xs = jax.random.normal(jax.random.key(1), (16, N))
     kw = dict(solver=solver, grad=grad, batch_axis=0)
 
@@ -101,7 +88,7 @@ EXACT = [Implicit(Iterate(90)), Implicit(GMRES(max_iter=3, tol=1e-12)),
 @pytest.mark.parametrize("grad", EXACT, ids=lambda g: repr(g)[:40])
 def test_reverse_over_reverse_matches_autodiff_of_a_long_unroll(grad):
     with jax.enable_x64(True):
-        params, x = make_problem(jnp.float64)
+        params, x = tanh_problem(jnp.float64)
         solver = Iterate(90)
         penalty = jax.jit(jax.value_and_grad(_penalty, argnums=(0, 1)), static_argnums=(2, 3))
         value, got = penalty(params, x, solver, grad)
@@ -115,7 +102,7 @@ def test_reverse_over_reverse_matches_autodiff_of_a_long_unroll(grad):
 @pytest.mark.parametrize("grad", EXACT[:1] + EXACT[-1:], ids=["implicit", "series"])
 def test_forward_over_reverse_matches_autodiff_of_a_long_unroll(grad):
     with jax.enable_x64(True):
-        params, x = make_problem(jnp.float64)
+        params, x = tanh_problem(jnp.float64)
         solver = Iterate(90)
 
         def hvp(grad):  # Hessian-vector product of the loss w.r.t. x
@@ -128,7 +115,7 @@ def test_forward_over_reverse_matches_autodiff_of_a_long_unroll(grad):
 def test_first_order_series_is_stop_gradient_at_every_order():
     """Series(1) is f(stop_gradient(z)): its second derivative treats z as a constant too."""
     with jax.enable_x64(True):
-        params, x = make_problem(jnp.float64)
+        params, x = tanh_problem(jnp.float64)
         T = 6
 
         def reference_loss(params, x):
@@ -149,7 +136,7 @@ def test_first_order_series_is_stop_gradient_at_every_order():
 
 def test_reverse_over_reverse_with_a_batch_axis_and_a_closure():
     with jax.enable_x64(True):
-        params, _ = make_problem(jnp.float64)
+        params, _ = tanh_problem(jnp.float64)
         xs = jax.random.normal(jax.random.key(2), (3, N), jnp.float64)
 
         def penalty(W, b, xs, grad):
@@ -198,7 +185,7 @@ def test_explicit_mesh_axes_are_refused_with_one_message_and_auto_axes_work():
     from jax.sharding import AxisType, NamedSharding
     if not hasattr(jax, "set_mesh"):
         pytest.skip("this jax has no Explicit sharding mode")
-    params, _ = make_problem()
+    params, _ = tanh_problem()
     xs = jax.random.normal(jax.random.key(1), (16, N))
 
     def run(x):

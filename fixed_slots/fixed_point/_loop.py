@@ -32,6 +32,18 @@ def relative_residual(x: jax.Array, fx: jax.Array, norm: str = "two") -> jax.Arr
     return row_norm(fx - x, norm) / (row_norm(fx, norm) + _RESIDUAL_EPS)
 
 
+def reached(relative: jax.Array, absolute: jax.Array, tol: float | None,
+            atol: float | None) -> jax.Array:
+    """Per row: relative residual < tol or absolute residual <= atol (False where neither is
+    set): the one stopping and convergence test of the forward solvers."""
+    out = jnp.zeros(relative.shape, bool)
+    if tol is not None:
+        out = out | (relative < tol)
+    if atol is not None:
+        out = out | (absolute <= atol)
+    return out
+
+
 # ---------------------------------------------------------------- shard_map (check_vma=True)
 # Under shard_map every value carries the set of mesh axes it varies over, and a loop's carry
 # must keep its type. Fresh constants (counters, NaN traces, solver memories) start invariant
@@ -128,10 +140,8 @@ the residuals returned, in `norm`).
         abs_out = jnp.where(take, a, abs_out)
         if select_aux is not None:
             aux_out = select_aux(take, aux, aux_out)
-        if tol is not None:
-            done = done | (active & (r < tol))
-        if atol is not None:
-            done = done | (active & (a <= atol))
+        if tol is not None or atol is not None:
+            done = done | (active & reached(r, a, tol, atol))
         x_next, new_state = stepper.update(x, fx, state)
         keep_going = ~done
         x = select_rows(keep_going, x_next, x)

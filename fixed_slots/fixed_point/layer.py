@@ -41,7 +41,7 @@ import numpy as np
 from fixed_slots.fixed_point import _adjoint, options
 from fixed_slots.fixed_point._flat import make_flattener, select_rows
 from fixed_slots.fixed_point._fn import split_output
-from fixed_slots.fixed_point._loop import LoopResult, run_solver
+from fixed_slots.fixed_point._loop import LoopResult, reached, run_solver
 from fixed_slots.fixed_point._solvers import make_stepper
 from fixed_slots.fixed_point.options import (
     GMRES,
@@ -208,11 +208,7 @@ def _info(result: LoopResult, plan: _Plan) -> FixedPointInfo:
     if tol is None and atol is None:
         converged = jnp.isfinite(final)
     else:
-        converged = jnp.zeros(final.shape, bool)
-        if tol is not None:
-            converged = converged | (final < tol)
-        if atol is not None:
-            converged = converged | (final_abs <= atol)
+        converged = reached(final, final_abs, tol, atol)
     info = FixedPointInfo(result.residuals, result.steps, final, converged, final_abs)
     if plan.batch_axis is None:
         info = FixedPointInfo(*(a[0] for a in info))
