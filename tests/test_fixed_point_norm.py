@@ -152,3 +152,11 @@ def test_gmres_has_no_norm_option():
     """GMRES minimises the Euclidean residual; its tolerances are in that norm only."""
     with pytest.raises(TypeError):
         GMRES(norm="max")
+
+
+def test_throw_names_the_norm_it_judged_in():
+    with jax.enable_x64(True):
+        with pytest.raises(Exception, match="atol 1e-12, max norm"):
+            jax.block_until_ready(fixed_point_layer(
+                half_plus, 0.5, jnp.zeros(64), jnp.asarray(C),
+                solver=Iterate(5, atol=1e-12, norm="max"), throw=True))

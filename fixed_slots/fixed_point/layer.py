@@ -495,7 +495,8 @@ def fixed_point_layer(
                                                tuple(consts), probe)
     if throw:
         _throw_if_not_converged(
-            info, f"tol {solver.tol}" + ("" if solver.atol is None else f", atol {solver.atol}"))
+            info, f"tol {solver.tol}" + ("" if solver.atol is None else f", atol {solver.atol}")
+            + ("" if solver.norm == "two" else f", {solver.norm} norm"))
     if has_aux:
         return (z_out, jax.lax.stop_gradient(aux)), info
     return z_out, info
