@@ -49,7 +49,8 @@ def test_atol_stops_at_the_step_its_norm_predicts(norm):
         r = np.asarray(half_plus(0.5, x, c) - x)
         recomputed = {"two": np.linalg.norm(r), "max": np.abs(r).max(),
                       "rms": np.linalg.norm(r) / 8.0}[norm]
-        np.testing.assert_allclose(float(info.final_abs_residual), recomputed, rtol=1e-6)  # kept in float32
+        # (the residuals are kept in float32)
+        np.testing.assert_allclose(float(info.final_abs_residual), recomputed, rtol=1e-6)
         error = np.asarray(z) - 2 * C  # = 2c 2^-steps: the last residual's half, in any norm
         assert {"two": np.linalg.norm(error), "max": np.abs(error).max(),
                 "rms": np.linalg.norm(error) / 8.0}[norm] <= 1e-6

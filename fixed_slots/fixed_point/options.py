@@ -128,8 +128,8 @@ class Iterate:
 class Anderson:
     """Anderson acceleration (type II) with `memory` past pairs, mixing beta and a ridge.
 
-    max_iter / tol / atol / norm as in `Iterate`. The ridge is `regularization` times the largest entry
-    of the residual Gram matrix, so it is scale-free.
+    max_iter / tol / atol / norm as in `Iterate`. The ridge is `regularization` times the
+    largest entry of the residual Gram matrix, so it is scale-free.
     """
     max_iter: int = 7
     tol: float | None = None
