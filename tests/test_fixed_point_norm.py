@@ -147,6 +147,8 @@ def test_an_unknown_norm_is_refused_with_its_name(solver_type):
     with pytest.raises(ValueError, match=rf"{solver_type.__name__}: norm must be one of 'two', "
                                          r"'max', 'rms', got 'l1'"):
         solver_type(norm="l1")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        solver_type(norm=np.array([1.0, 2.0]))  # not a name (and no ambiguous truth value)
 
 
 def test_gmres_has_no_norm_option():

@@ -98,7 +98,7 @@ def run_solver(
 ) -> LoopResult:
     """Runs `max_iter` evaluations of F (fewer where rows reach `tol` or `atol`: a row stops once
     its relative residual is below tol or its absolute one ||F(x) - x|| at most atol; both, and
-the residuals returned, in `norm`).
+    the residuals returned, in `norm`).
 
     F maps [batch, features] -> ([batch, features], aux). Rows that reach `tol` are frozen: their
     iterate, solver memory and output stop changing, so they do not depend on slower rows.

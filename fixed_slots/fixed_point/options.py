@@ -76,7 +76,7 @@ def _tol(owner: str, value: Any, name: str = "tol") -> float | None:
 
 
 def _norm(owner: str, value: Any) -> str:
-    if value not in NORMS:
+    if not isinstance(value, str) or value not in NORMS:
         raise _bad(owner, f"norm must be one of {', '.join(map(repr, NORMS))}, got {value!r}")
     return value
 
