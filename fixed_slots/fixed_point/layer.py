@@ -197,8 +197,8 @@ def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiabl
     result = run_solver(
         F, x0, make_stepper(plan.solver), max_iter=plan.solver.max_iter, tol=plan.solver.tol,
         atol=plan.solver.atol, norm=plan.solver.norm, return_best=plan.return_best,
-        differentiable=differentiable,
-        checkpoint=checkpoint, aux_template=aux_template, select_aux=select_aux)
+        differentiable=differentiable, checkpoint=checkpoint, aux_template=aux_template,
+        select_aux=select_aux)
     return unflatten(result.x), unflatten(result.fx), result.aux, result
 
 
