@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         config.train.compute_dtype = args.compute_dtype
     if args.batch:
         config.train.batch_size = args.batch
-    config.train.num_devices = 1
+    sharding.split_cpu(config)  # a CPU host split into devices as the trainer splits it
     trainer.check_config(config)
-    mesh = sharding.make_mesh(1)
+    mesh = sharding.make_mesh(config.train.num_devices)
     _, state, step = build(config, mesh, flat_optimizer=args.flat_optimizer)
     size = config.data.image_size
     batch = sharding.put_batch({"image": np.random.default_rng(0).random(
@@ -231,11 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
            "config": args.config, "overrides": args.set, "batch": config.train.batch_size,
            "compute_dtype": config.train.compute_dtype, "grad": config.grad,
            "iters": config.slot_attention.num_iterations, "flat_optimizer": args.flat_optimizer,
-           "date": time.strftime("%Y-%m-%d"), "hlo_ops": counts}
+           "date": time.strftime("%Y-%m-%d"), "hlo_ops": counts, "devices": mesh.size}
     print(f"# {out['device']}, jax {out['jax']}, {args.config}"
           f"{''.join(' --set=' + x for x in args.set)}, batch {out['batch']}, "
           f"{out['compute_dtype']}, {out['grad']} T={out['iters']}, "
-          f"{'flat' if args.flat_optimizer else 'per-leaf'} optimizer, {out['date']}")
+          f"{'flat' if args.flat_optimizer else 'per-leaf'} optimizer, {mesh.size} "
+          f"device{'s' * (mesh.size > 1)} (kernels counted on all), {out['date']}")
     print(f"compiled step HLO: {format_counts(counts)}")
     if not args.hlo_only:
         for _ in range(max(args.warmup, 1)):

@@ -105,8 +105,10 @@ def time_train_step(config, steps: int, warmup: int, donate: bool = True) -> dic
         "images_per_s": config.train.batch_size / (ms / 1e3),
         "compiled_mib": compiled_peak_bytes(memory) / 2**20,
         "peak_mib": (peak_bytes() or 0) / 2**20,
-        "gflop": flops / 1e9,
+        # XLA counts one device's program; the step is that on every device of the mesh
+        "gflop": flops * mesh.size / 1e9,
         "mfu": flops / (ms / 1e3) / peak if peak and flops else None,  # None: peak unknown
+        "devices": mesh.size,
         "compile_s": compile_s,
         "loss": loss,
         # the process's peak resident memory (Linux: KiB); on a CPU the only allocator peak there
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     base = configlib.from_file(args.config, args.set)
     if args.compute_dtype:
         base.train.compute_dtype = args.compute_dtype
+    sharding.split_cpu(base)  # a CPU host split into devices as main.py's trainer splits it
     trainer.check_config(base)  # a bad override fails here, not after minutes on the device
     say = (lambda *a, **k: None) if args.quiet else print
     device = jax.devices()[0]
@@ -213,12 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": base.train.batch_size, "compute_dtype": base.train.compute_dtype,
         "attention_impl": base.get("slate", {}).get("attention_impl"),
         "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "warmup": args.warmup,
-        "donate": args.donate,
+        "donate": args.donate, "devices": base.train.num_devices or jax.device_count(),
     }
     say(f"# {header['device']}, jax {header['jax']}, config {args.config}"
         f"{''.join(' --set=' + x for x in args.set)}: "
         f"{base.data.image_size}x{base.data.image_size}, batch {base.train.batch_size}, "
         f"dtype {base.train.compute_dtype}, attention {header['attention_impl']}, "
+        f"{header['devices']} device{'s' * (header['devices'] > 1)} (data-parallel; compiled "
+        "MiB per device), "
         f"median of {args.steps} steps after {args.warmup} warm-up, {header['date']}"
         + ("" if args.donate else "; state NOT donated")
         + ("; each row in its own process" if args.isolate else ""))

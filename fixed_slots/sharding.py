@@ -18,6 +18,15 @@ is touched. It reads, in this order (docs/multihost.md has the launch recipes):
 With none of these set nothing happens (one process, all local devices). On the CPU, collectives
 between processes go through gloo.
 
+One process on a CPU: `split_cpu(config)` (the trainer calls it first) makes the host several
+JAX devices so that the batch runs data-parallel over them. XLA's CPU runtime runs one device's
+program as a mostly sequential stream of small kernels, so a 2-core host trains the README's
+default 1.6x faster as 4 devices of 4 images than as one device of 16 (BENCHMARKS.md). The count
+is `config.train.num_devices` when set, else `cpu_device_count(batch)`; an `XLA_FLAGS` with
+`--xla_force_host_platform_device_count`, a `jax_num_cpu_devices` of the user's own, a
+multi-process job, and a backend that has already started (a notebook that ran JAX) are left
+as they are. Accelerators are unaffected (the setting only shapes JAX's CPU backend).
+
 Given the config, `maybe_initialize_distributed(config)` also checks that every process runs the
 same one: each publishes its config record (what checkpoints store) in the job's key-value store,
 and a difference fails every process alike with one ConfigError naming the keys that differ.
@@ -284,6 +293,48 @@ def reached_preemption_sync_point(step: int) -> bool:
     from jax.experimental import multihost_utils
 
     return multihost_utils.reached_preemption_sync_point(step)
+
+
+# How a CPU-only host is split (measured on the 2-core development CPU, BENCHMARKS.md: 1, 2, 4,
+# 8, 16 devices for batch 16 ran at 202, 163, 125, 139, 226 ms a step).
+CPU_DEVICES_PER_CORE = 2
+MIN_IMAGES_PER_CPU_DEVICE = 4  # fewer makes every matmul too small to pay for itself
+MAX_CPU_DEVICES = 8  # the most the tests run (8 fake devices); larger splits are unmeasured
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(os.cpu_count() or 1, 1)
+
+
+def cpu_device_count(batch_size: int, cores: int | None = None) -> int:
+    """Devices to split a CPU host into for `batch_size`: the largest divisor of the batch that
+    is at most CPU_DEVICES_PER_CORE per core and MAX_CPU_DEVICES, with at least
+    MIN_IMAGES_PER_CPU_DEVICE images on each (1 when none is)."""
+    cores = available_cores() if cores is None else cores
+    limit = min(CPU_DEVICES_PER_CORE * max(cores, 1), MAX_CPU_DEVICES,
+                batch_size // MIN_IMAGES_PER_CPU_DEVICE)
+    return max([d for d in range(1, limit + 1) if batch_size % d == 0], default=1)
+
+
+def split_cpu(config: Any, environ: Mapping[str, str] | None = None) -> int | None:
+    """Makes a CPU host `config.train.num_devices` (else `cpu_device_count`) JAX devices before
+    the backend starts; returns the count, or None where the host was left as it is (see the
+    module docstring). Call before anything touches a device."""
+    env = os.environ if environ is None else environ
+    if ("xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
+            or jax.config.jax_num_cpu_devices != -1  # set by the user (-1: JAX's default)
+            or distributed_arguments(env) is not None):
+        return None
+    count = config.train.num_devices or cpu_device_count(config.train.batch_size)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backend exists already: its devices stay as they are
+        return None
+    return count
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

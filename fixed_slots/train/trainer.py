@@ -588,9 +588,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     Returns the metrics logged in this call, one dict per logged step (with its "step").
     """
     # Before anything touches a device (the checks count devices): jax.distributed.initialize
-    # refuses to run once the backend exists.
+    # and the CPU's device count cannot change once the backend exists.
+    cpu_devices = sharding.split_cpu(config)
     sharding.maybe_initialize_distributed(config)  # and every process has this config
     check_config(config)
+    if cpu_devices and cpu_devices > 1 and jax.default_backend() == "cpu":
+        log.info("CPU: %d devices of %d images each, data-parallel (2 per core run fastest; "
+                 "--config.train.num_devices=1 for one).", cpu_devices,
+                 config.train.batch_size // cpu_devices)
     flat = config_record(config)
     unknown = [k for k in accept_config_change if k not in flat]
     if unknown:
