@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from fixed_slots.modules.dvae import (
-    DVAE, Conv2d, Conv2dBlock, conv2d, cosine_anneal, gumbel_max, gumbel_softmax, pixel_shuffle)
+    DVAE, Conv2d, Conv2dBlock, argmax, conv2d, cosine_anneal, gumbel_max, gumbel_softmax,
+    pixel_shuffle)
 
 
 def _num_params(module: nnx.Module) -> int:
@@ -170,3 +171,12 @@ def test_schedules_with_offset_start():
             _official_cosine(step, 2.0, 0.5, 10, 20))
         assert float(cosine_anneal(jnp.asarray(step), 2.0, 0.5, 10, 20)) == pytest.approx(
             _official_cosine(step, 2.0, 0.5, 10, 20), abs=1e-6)
+
+
+def test_argmax_equals_jnp_argmax_with_ties_and_nans():
+    x = jax.random.normal(jax.random.key(3), (4, 5, 7))
+    x = x.at[0, 0, 2].set(9.0).at[0, 0, 5].set(9.0)  # a tie: the first index wins
+    x = x.at[1, 2, 4].set(jnp.nan).at[1, 2, 6].set(jnp.nan)  # the first NaN wins
+    x = x.at[2, 1].set(-jnp.inf).at[3, 3].set(1.0)  # all -inf; all equal
+    for axis in (0, 1, 2, -1):
+        np.testing.assert_array_equal(argmax(x, axis), jnp.argmax(x, axis))

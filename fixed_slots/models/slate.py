@@ -28,7 +28,7 @@ from fixed_slots.models.protocol import (
 from fixed_slots.models.segmentation import segmentation_metrics, token_resolution_ceiling
 from fixed_slots.modules.decoding import generate_tokens
 from fixed_slots.modules.dtypes import at_least_float32
-from fixed_slots.modules.dvae import DVAE, cosine_anneal, gumbel_max, gumbel_softmax
+from fixed_slots.modules.dvae import DVAE, argmax, cosine_anneal, gumbel_max, gumbel_softmax
 from fixed_slots.modules.encoders import LearnedPositionEmbedding, TokenEmbedding
 from fixed_slots.modules.transformer import ATTENTION_IMPLS, TransformerDecoder
 
@@ -214,7 +214,7 @@ class Slate(nnx.Module):
         token grid, SA inputs, and the tokens."""
         self._check_image(image)
         log_probs = self.dvae.encode(image)
-        tokens = jnp.argmax(log_probs, axis=-1).reshape(image.shape[0], -1).astype(jnp.int32)
+        tokens = argmax(log_probs, axis=-1).reshape(image.shape[0], -1).astype(jnp.int32)
         emb = self.embed(tokens + 1, 1)  # positions 1..L, as in training
         slots, attn, info, sa_inputs = self.encoder(at_least_float32(emb), key, train=False,
                                                     num_iterations=num_iterations)
