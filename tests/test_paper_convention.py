@@ -91,7 +91,9 @@ def test_module_equals_plain_loops_forward_and_gradients(grad):
 
     (loss, grads) = _loss_and_grads(ours, module, x, weights)
     (ref_loss, ref_grads) = _loss_and_grads(reference, module, x, weights)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    # float32 round-off: neumann3 differs by 2.8e-6 on some CPUs (one more fusion of the same
+    # sums); a wrong count of differentiated updates moves the loss by more than 1e-4.
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     _assert_trees_close(grads, ref_grads, atol=1e-5)
 
 
