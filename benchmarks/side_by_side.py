@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
 
     u, h = official["unroll"], ours["header"]
     print(f"# side by side, {time.strftime('%Y-%m-%d')}: official SLATE (files sha256 "
-          f"{u['digest']}) on {u['device']}, torch {u['torch']}; ours on {h['device']}, jax "
+          f"{u['digest']}) on {u['device']}, torch {u['torch']}; ours on {h['device']} as "
+          f"{h.get('devices', 1)} device(s) (data-parallel), jax "
           f"{h['jax']}; {a.config}{''.join(' --set=' + x for x in a.set)}: "
           f"{h['image_size']}x{h['image_size']}, batch "
           f"{h['batch_size']}, {config.slot_attention.num_slots} slots, T={t}, "

@@ -34,6 +34,12 @@ def test_dvae_pointwise_benchmark_times_both_paths_and_checks_they_agree():
     assert worst < 1e-5
 
 
+def test_argmax_cpu_benchmark_times_both_and_checks_the_indices():
+    out = run(["benchmarks/argmax_cpu.py", "--shape=2,3,3,8", "--repeats=2"])
+    assert "same indices: True" in out
+    assert "| `jnp.argmax` |" in out and "| `dvae.argmax` |" in out
+
+
 def test_train_step_benchmark_runs():
     out = run(["benchmarks/train_step.py", "--config=configs/default.py:tiny", "--iters=1",
                "--grads=neumann1", "--steps=1", "--decode_repeats=1"])

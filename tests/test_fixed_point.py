@@ -353,7 +353,7 @@ T_PAPER = 4
 
 
 @pytest.mark.parametrize("name,solver,grad", [
-    ("unroll", Iterate(T_PAPER), Unroll()),
+    ("unroll", Iterate(T_PAPER), Unroll(unrolled=True)),  # T=7: straight-line
     ("neumann1", Iterate(T_PAPER), Neumann(1)),
     ("neumann3", Iterate(T_PAPER), Neumann(3)),
     ("series1", Iterate(T_PAPER + 1), Series(1)),

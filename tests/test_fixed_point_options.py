@@ -63,6 +63,8 @@ def dense_jacobian(W, z, x):
     (lambda: GMRES(tol=None), "GMRES: tol must be > 0"),
     (lambda: GMRES(restart=0), "GMRES: restart must be a positive int"),
     (lambda: Unroll(checkpoint="yes"), "Unroll: checkpoint must be True or False"),
+    (lambda: Unroll(unrolled=1), "Unroll: unrolled must be True or False"),
+    (lambda: Unroll(checkpoint=True, unrolled=True), "checkpoint=True needs the rolled loop"),
     (lambda: Neumann(order=0), "Neumann: order must be a positive int"),
     (lambda: Neumann(damping=2.0), r"Neumann: damping must be in \(0, 1\]"),
     (lambda: Series(order=0), "Series: order must be a positive int"),

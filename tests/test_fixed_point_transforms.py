@@ -165,8 +165,8 @@ def _attention_step(p, z, x):
     return jnp.tanh(jnp.einsum("bns,bnd->bsd", a, x) @ p.T + z)
 
 
-@pytest.mark.parametrize("iterations", [5, 20])  # an unrolled and a rolled plain loop
-def test_checkpointed_unroll_gives_the_same_gradient_with_less_memory(iterations):
+@pytest.mark.parametrize("unrolled", [False, True])  # the checkpointed loop against either
+def test_checkpointed_unroll_gives_the_same_gradient_with_less_memory(unrolled):
     # float64: the two compile to different fusions, float32 would differ by its round-off
     with jax.enable_x64(True):
         p = 0.1 * jax.random.normal(jax.random.key(0), (8, 8), jnp.float64)
@@ -174,15 +174,16 @@ def test_checkpointed_unroll_gives_the_same_gradient_with_less_memory(iterations
         z0 = jnp.zeros((2, 3, 8), jnp.float64)
 
         def loss(p, grad):
-            z, _ = fixed_point_layer(_attention_step, p, z0, x, solver=Iterate(iterations),
+            z, _ = fixed_point_layer(_attention_step, p, z0, x, solver=Iterate(20),
                                      grad=grad, batch_axis=0)
             return jnp.sum(z ** 2)
 
         plain = jax.jit(jax.grad(loss), static_argnums=1)
-        np.testing.assert_allclose(plain(p, Unroll(checkpoint=True)), plain(p, Unroll()),
+        reference = Unroll(unrolled=unrolled)
+        np.testing.assert_allclose(plain(p, Unroll(checkpoint=True)), plain(p, reference),
                                    rtol=1e-12, atol=1e-14)
-        memory = {c: plain.lower(p, Unroll(checkpoint=c)).compile().memory_analysis()
-                  .temp_size_in_bytes for c in (False, True)}
+        memory = {c: plain.lower(p, Unroll(checkpoint=True) if c else reference).compile()
+                  .memory_analysis().temp_size_in_bytes for c in (False, True)}
     assert memory[True] < 0.5 * memory[False], memory
 
 
@@ -193,12 +194,11 @@ def _collectives_in_loops(hlo: str) -> int:
     return sum(body.count(" all-reduce(") for name, body in blocks if name in bodies)
 
 
-@pytest.mark.parametrize("iterations, rolled", [(5, False), (20, True)])
-def test_a_short_unrolled_loop_all_reduces_its_gradient_once_under_data_parallelism(
-        iterations, rolled):
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_an_unrolled_loop_all_reduces_its_gradient_once_under_data_parallelism(unrolled):
     """Batch sharded over 8 devices: a rolled loop's backward all-reduces the gradient of f's
-    parameters in every iteration; the unrolled one (<= UNROLL_MAX_ITER) leaves it to the one
-    combined all-reduce after the loop."""
+    parameters in every iteration; Unroll(unrolled=True) leaves it to the one combined
+    all-reduce after the loop."""
     from jax.sharding import AxisType, NamedSharding
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
@@ -207,14 +207,15 @@ def test_a_short_unrolled_loop_all_reduces_its_gradient_once_under_data_parallel
 
     def loss(p, x):
         z, _ = fixed_point_layer(_attention_step, p, jnp.zeros((8, 3, 8)), x,
-                                 solver=Iterate(iterations), grad=Unroll(), batch_axis=0)
+                                 solver=Iterate(5), grad=Unroll(unrolled=unrolled),
+                                 batch_axis=0)
         return jnp.sum(z ** 2)
 
     grad = jax.jit(jax.grad(loss), in_shardings=(NamedSharding(mesh, P()),
                                                  NamedSharding(mesh, P("data"))))
     hlo = grad.lower(p, x).compile().as_text()
     assert " all-reduce(" in hlo
-    assert (_collectives_in_loops(hlo) > 0) == rolled
+    assert (_collectives_in_loops(hlo) > 0) == (not unrolled)
 
 
 def test_explicit_mesh_axes_are_refused_with_one_message_and_auto_axes_work():

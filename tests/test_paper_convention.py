@@ -119,10 +119,13 @@ def test_neumann1_forward_is_T_plus_one_updates_and_unroll_T():
     for _ in range(T + 1):
         z, _ = implicit.step(z, k, v)
         steps.append(z)
-    np.testing.assert_allclose(implicit(x, None, slots_init=slots0)[0], steps[T], rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(vanilla(x, None, slots_init=slots0)[0], steps[T - 1], rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(implicit(x, None, slots_init=slots0)[0], steps[T], rtol=1e-5,
+                               atol=1e-5)
+    # float32 round-off of compiled loops against eager steps (1.5e-6 on this CPU); one update
+    # more or fewer moves the slots by far more
+    np.testing.assert_allclose(vanilla(x, None, slots_init=slots0)[0], steps[T - 1], rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(np.asarray(vanilla(x, None, slots_init=slots0)[0] - steps[T])).max() > 1e-3
 
 
 def _dense_step_jacobian(sa, k, v, z):

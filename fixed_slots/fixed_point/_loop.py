@@ -11,11 +11,6 @@ from fixed_slots.fixed_point._solvers import Stepper
 
 # Keeps the relative residual finite when f(x) = 0.
 _RESIDUAL_EPS = 1e-8
-# Differentiated, not checkpointed loops of at most this many evaluations compile unrolled;
-# longer ones as one rolled loop (compile time and, for a large f alone, memory grow with the
-# unrolled count). A solve that is not differentiated stays a rolled while loop: unrolling it
-# gained nothing measurable and cost compile time.
-UNROLL_MAX_ITER = 8
 
 
 class LoopResult(NamedTuple):
@@ -98,6 +93,7 @@ def run_solver(
     norm: str = "two",
     differentiable: bool,
     checkpoint: bool = False,
+    unrolled: bool = False,
     aux_template: Any = None,
     select_aux: Callable[[jax.Array, Any, Any], Any] | None = None,
 ) -> LoopResult:
@@ -109,8 +105,8 @@ def run_solver(
     iterate, solver memory and output stop changing, so they do not depend on slower rows.
     differentiable=True runs a `scan` that reverse-mode autodiff can go through (the unrolled
     baseline; checkpoint=True rematerialises each iteration in the backward pass); otherwise a
-    `while_loop` that exits once every row has converged. A scan of at most UNROLL_MAX_ITER
-    evaluations without checkpointing is unrolled.
+    `while_loop` that exits once every row has converged. unrolled=True (with differentiable,
+    without checkpoint) compiles the scan as straight-line code (see options.Unroll).
     """
     batch = x0.shape[0]
     state0 = stepper.init(x0)
@@ -160,15 +156,8 @@ def run_solver(
 
     if differentiable:
         step = jax.checkpoint(body, prevent_cse=False) if checkpoint else body
-        # A short loop as straight-line code. Under data parallelism the backward pass of a
-        # rolled loop all-reduces the gradient of f's parameters inside every iteration (XLA
-        # combines them with the step's one all-reduce only when unrolled): the README's default
-        # step, unrolled T=5 on a CPU split into 4 devices, 182 -> 130 ms. Checkpointed loops
-        # stay rolled: unrolled, XLA merges the recomputation with the forward pass and the
-        # memory saving is lost (BENCHMARKS.md).
-        unroll = not checkpoint and max_iter <= UNROLL_MAX_ITER
         carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry0, None, length=max_iter,
-                                unroll=unroll)
+                                unroll=unrolled and not checkpoint)
     else:
         carry = jax.lax.while_loop(
             lambda c: (c[0] < max_iter) & ~jnp.all(c[9]), body, carry0)

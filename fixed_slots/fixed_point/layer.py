@@ -177,7 +177,7 @@ def _make_aux_selector(batch_axis: int | None, batch: int):
 
 
 def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiable: bool,
-           checkpoint: bool = False):
+           checkpoint: bool = False, unrolled: bool = False):
     """Runs the forward solver. fn(params, z, args, *consts) -> (z, aux).
 
     Returns (x_star tree, z_out tree, aux, LoopResult).
@@ -197,7 +197,8 @@ def _solve(fn: Callable, plan: _Plan, params, z0, args, consts, *, differentiabl
     result = run_solver(
         F, x0, make_stepper(plan.solver), max_iter=plan.solver.max_iter, tol=plan.solver.tol,
         atol=plan.solver.atol, norm=plan.solver.norm, return_best=plan.return_best,
-        differentiable=differentiable, checkpoint=checkpoint, aux_template=aux_template,
+        differentiable=differentiable, checkpoint=checkpoint, unrolled=unrolled,
+        aux_template=aux_template,
         select_aux=select_aux)
     return unflatten(result.x), unflatten(result.fx), result.aux, result
 
@@ -468,7 +469,7 @@ def fixed_point_layer(
 
     if isinstance(grad, Unroll):
         _, z_out, aux, result = _solve(fn, plan, params, z0, args, (), differentiable=True,
-                                       checkpoint=grad.checkpoint)
+                                       checkpoint=grad.checkpoint, unrolled=grad.unrolled)
         info = _info(result, plan)
     elif isinstance(grad, Neumann):
         _, z_out, aux, result = _solve(

@@ -4,6 +4,7 @@ objects.
 
 The paper's convention (Chang et al. 2022, Algorithm 1 / Fig. 2), which `num_iterations` = T follows:
   unroll     T updates, all differentiated (vanilla slot attention).      Iterate(T), Unroll()
+             (unrolled=True up to UNROLLED_MAX_ITERATIONS updates)
   neumannK   T updates without gradient, then K more updates differentiated by backpropagation
              (T + K updates). The paper's Fig. 11 "higher-order Neumann approximations require
              backpropagating through more iterations"; neumann1 is its default, the "one extra
@@ -47,6 +48,8 @@ from fixed_slots.fixed_point.options import (
 
 # Config names of the adjoint solver (`slot_attention.fixed_point.adjoint_solver`).
 ADJOINT_SOLVERS = ("iterate", "anderson", "broyden", "gmres")
+# "unroll" compiles its loop unrolled (Unroll(unrolled=True)) up to this many updates.
+UNROLLED_MAX_ITERATIONS = 8
 # name -> (forward solver, gradient, order K, adjoint solver)
 _FIXED = {
     "unroll": ("iterate", "unroll", 1, None),
@@ -105,7 +108,9 @@ class GradMode:
         else:
             solver = Iterate(budget, tol, damping=c.get("damping", 1.0))
         if self.grad == "unroll":
-            grad = Unroll()
+            # Straight-line for the short loops of slot attention (faster and smaller in both
+            # SLATE settings measured, BENCHMARKS.md); a long loop compiles rolled.
+            grad = Unroll(unrolled=budget <= UNROLLED_MAX_ITERATIONS)
         elif self.grad == "neumann":
             grad = Neumann(order=self.order)
         elif self.grad == "series":

@@ -209,12 +209,27 @@ class Unroll:
     checkpoint=True wraps each iteration in `jax.checkpoint`: the backward pass stores only the
     loop state per iteration and recomputes f's internals, trading one extra f evaluation per
     iteration for memory (benchmarks/fixed_point_memory.py).
+
+    unrolled=True compiles the iterations as straight-line code instead of one rolled loop.
+    Under data parallelism the backward pass of a rolled loop all-reduces the gradient of f's
+    parameters inside every iteration; unrolled, XLA folds those into the step's one all-reduce
+    (the README's SLATE on a CPU split into 4 devices, T=5: 182 -> 130 ms a step, less memory,
+    BENCHMARKS.md). For a large f on one device the rolled loop can need less memory (the
+    paper's Table 1 layer at T=7: 220 vs 350 MiB), and compilation grows with the count.
+    Not with checkpoint=True: unrolled, XLA merges the recomputation with the forward pass and
+    the memory saving is lost.
     """
     checkpoint: bool = False
+    unrolled: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, bool):
             raise _bad("Unroll", f"checkpoint must be True or False, got {self.checkpoint!r}")
+        if not isinstance(self.unrolled, bool):
+            raise _bad("Unroll", f"unrolled must be True or False, got {self.unrolled!r}")
+        if self.checkpoint and self.unrolled:
+            raise _bad("Unroll", "checkpoint=True needs the rolled loop (unrolled, XLA merges "
+                       "the recomputation with the forward pass: no memory is saved)")
 
 
 @dataclasses.dataclass(frozen=True)
