@@ -105,8 +105,8 @@ def run_solver(
     iterate, solver memory and output stop changing, so they do not depend on slower rows.
     differentiable=True runs a `scan` that reverse-mode autodiff can go through (the unrolled
     baseline; checkpoint=True rematerialises each iteration in the backward pass); otherwise a
-    `while_loop` that exits once every row has converged. unrolled=True (with differentiable,
-    without checkpoint) compiles the scan as straight-line code (see options.Unroll).
+    `while_loop` that exits once every row has converged. unrolled=True (with differentiable)
+    compiles the scan as straight-line code (options.Unroll refuses it with checkpoint).
     """
     batch = x0.shape[0]
     state0 = stepper.init(x0)
@@ -157,7 +157,7 @@ def run_solver(
     if differentiable:
         step = jax.checkpoint(body, prevent_cse=False) if checkpoint else body
         carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry0, None, length=max_iter,
-                                unroll=unrolled and not checkpoint)
+                                unroll=unrolled)
     else:
         carry = jax.lax.while_loop(
             lambda c: (c[0] < max_iter) & ~jnp.all(c[9]), body, carry0)

@@ -593,9 +593,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     sharding.maybe_initialize_distributed(config)  # and every process has this config
     check_config(config)
     if cpu_devices and cpu_devices > 1 and jax.default_backend() == "cpu":
-        log.info("CPU: %d devices of %d images each, data-parallel (2 per core run fastest; "
+        log.info("CPU: %d devices of %d images each, data-parallel (%d per core run fastest; "
                  "--config.train.num_devices=1 for one).", cpu_devices,
-                 config.train.batch_size // cpu_devices)
+                 config.train.batch_size // cpu_devices, sharding.CPU_DEVICES_PER_CORE)
     flat = config_record(config)
     unknown = [k for k in accept_config_change if k not in flat]
     if unknown:
