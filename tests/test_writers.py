@@ -102,6 +102,38 @@ def test_flushed_events_are_on_disk_without_close(tmp_path):
     writer.close()
 
 
+_FAKE_TORCH_CHECK = """
+import sys, tempfile
+from fixed_slots.train import writers
+writer = writers.create_writer(tempfile.mkdtemp())
+writer.write_scalars(1, {"a": 1.0})
+writer.write_images(1, {"b": __import__("numpy").zeros((2, 4, 4, 3), "uint8")})
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+import torch
+assert torch.FAKE, "the installed torch is importable afterwards"
+print("ok")
+"""
+
+
+def test_the_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (1.5 s and ~480 MiB in a JAX process):
+    with a stand-in torch on the path, writing events imports none of it, and torch still
+    imports afterwards. Run in a fresh interpreter (the suite may already hold tensorboardX)."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("FAKE = True\nTensor = type('Tensor', (), {})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path / "site"), str(pathlib.Path(__file__).parents[1]),
+         os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _FAKE_TORCH_CHECK], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 def test_scalars_carry_their_description_once(tmp_path):
     writer = writers.TensorboardXWriter(str(tmp_path), descriptions={"eval/fg_ari": "FG-ARI."})
     writer.write_scalars(1, {"eval/fg_ari": 0.5, "loss": 2.0})

@@ -6,7 +6,7 @@ import glob
 import os
 import struct
 
-from tensorboardX.proto import event_pb2
+from fixed_slots.train.writers import import_tensorboardx
 
 
 def _records(path: str):
@@ -25,6 +25,9 @@ def _records(path: str):
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] sorted by step, from every event file under run_dir."""
+    import_tensorboardx()
+    from tensorboardX.proto import event_pb2
+
     series: dict[str, dict[int, float]] = collections.defaultdict(dict)
     pattern = os.path.join(run_dir, "**", "events.out.tfevents*")
     for path in sorted(glob.glob(pattern, recursive=True)):
