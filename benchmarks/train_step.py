@@ -172,6 +172,8 @@ def _row_in_subprocess(args: argparse.Namespace, grad: str, iters: int) -> dict[
                f"--warmup={args.warmup}", "--decode_repeats=0", "--no-isolate", "--quiet",
                "--donate" if args.donate else "--no-donate",
                f"--json={path}", *(f"--set={x}" for x in args.set)]
+        if args.cache_dir:
+            cmd.append(f"--cache_dir={args.cache_dir}")
         if args.compute_dtype:
             cmd.append(f"--compute_dtype={args.compute_dtype}")
         subprocess.run(cmd, check=True)
@@ -200,9 +202,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="donate the train state to the step (--no-donate: before/after)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="each train-step row in its own process (clean peak memory)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="JAX's persistent compilation cache here, as main.py uses it: a "
+                             "second run with the same directory times a warm start (its peak "
+                             "memory without XLA's compilation)")
     parser.add_argument("--json", default=None, help="also write the figures here as JSON")
     parser.add_argument("--quiet", action="store_true", help="no table (with --json)")
     args = parser.parse_args(argv)
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     base = configlib.from_file(args.config, args.set)
     if args.compute_dtype:
         base.train.compute_dtype = args.compute_dtype

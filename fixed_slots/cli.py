@@ -45,10 +45,22 @@ def _leave_job(code: int) -> None:
         sharding.leave_job_after_error(code)
 
 
+def _exit(code: int) -> None:
+    """Leaves with `code`; at once (os._exit, after the finally blocks that already ran) while a
+    train step compiles in a background thread: exiting the interpreter under it makes XLA's
+    runtime abort the process (exit 134 instead of `code`)."""
+    _leave_job(code)
+    trainer = sys.modules.get("fixed_slots.train.trainer")
+    if trainer is not None and trainer.compilation_in_flight():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    _leave_job(EXIT_USER_ERROR)
-    sys.exit(EXIT_USER_ERROR)
+    _exit(EXIT_USER_ERROR)
 
 
 def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
@@ -244,12 +256,10 @@ def run(main: Callable[[list[str]], None], default_config: str = "configs/defaul
             _fail(str(e))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
-            _leave_job(130)
-            sys.exit(130)
+            _exit(130)
         except Exception:  # our bug: its traceback, then out of the job like any error
             traceback.print_exc()
             sys.stderr.flush()
-            _leave_job(1)
-            sys.exit(1)
+            _exit(1)
 
     app.run(guarded, flags_parser=_parse_flags)

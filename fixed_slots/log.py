@@ -19,7 +19,9 @@ from typing import TextIO
 logger = logging.getLogger("fixed_slots")
 
 _live = {"stream": None, "text": ""}  # the open in-place line, if any
-_lock = threading.Lock()
+# Re-entrant: the trainer's signal handler logs, and it can run while the main thread is
+# inside emit() holding this lock (a plain Lock deadlocked a SIGTERM'd run there).
+_lock = threading.RLock()
 
 
 class _Format(logging.Formatter):

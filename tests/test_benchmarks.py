@@ -96,11 +96,12 @@ def test_side_by_side_refuses_configs_the_official_model_cannot_match():
 def test_side_by_side_table_ratios():
     side_by_side = _load("side_by_side")
     official = {
-        "unroll": {"num_iterations": 7, "ms": 300.0, "peak_mib": 9000.0},
+        "unroll": {"num_iterations": 7, "ms": 300.0, "peak_mib": 9000.0, "max_rss_mib": 900.0},
         "implicit": {"num_iterations": 7, "ms": 200.0, "peak_mib": 6000.0},
         "decode": {"batch_size": 50, "tokens": 576, "decode_images_per_s": 2.0},
     }
-    ours = {"rows": [{"grad": "unroll", "iters": 7, "ms": 100.0, "peak_mib": 4500.0},
+    ours = {"rows": [{"grad": "unroll", "iters": 7, "ms": 100.0, "peak_mib": 4500.0,
+                      "max_rss_mib": 1500.0, "warm_max_rss_mib": 800.0, "warm_ms": 99.0},
                      {"grad": "neumann1", "iters": 7, "ms": 50.0, "peak_mib": 0.0}],
             "decode": {"kv_cache": 50.0}}
     lines = side_by_side.side_by_side_table(official, ours)
@@ -109,7 +110,10 @@ def test_side_by_side_table_ratios():
     # a backend without a peak counter (0) prints n/a, not a ratio against zero
     assert implicit[1:] == ["200.0", "50.0", "4.00x", "6000", "n/a", "n/a |"]
     assert lines[-1].endswith("| 2 | 50 | 25.0x |")
-    assert "unroll n/a vs official unroll n/a" in "\n".join(lines)  # no RSS in these records
+    rss = next(line for line in lines if line.startswith("process peak RSS"))
+    assert ("unroll 1500 (second run, compilation cached: 800, 99.0 ms/step) vs official "
+            "unroll 900" in rss), rss
+    assert "neumann1 n/a vs official implicit n/a" in rss  # no RSS in these records
 
 
 def test_mixed_precision_benchmark_runs(tmp_path):

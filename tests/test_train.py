@@ -168,6 +168,74 @@ def test_a_stop_during_compilation_is_heard_at_once_and_acted_on_after_it(tmp_pa
     assert "Stopped at step 1 of 100000" in out
 
 
+def test_a_second_signal_handled_inside_the_first_still_stops_at_once():
+    """Python runs a handler between bytecodes, so a second signal's handler can run nested
+    inside the first one's; the count must not lose it (it once read the count before the
+    nested call and wrote it back after). And a KeyboardInterrupt that Python swallowed (raised
+    inside a garbage-collector callback) is raised again by `check`."""
+    from fixed_slots.train.trainer import _StopFlag
+
+    flag = _StopFlag()
+    try:
+        nested = []
+
+        def deliveries():
+            if not nested:
+                nested.append(True)
+                flag._handle(signal.SIGTERM, None)  # the second signal, inside the first
+            return 1
+
+        flag._deliveries = deliveries
+        with pytest.raises(KeyboardInterrupt):
+            flag._handle(signal.SIGTERM, None)
+        assert flag.stop and nested
+        with pytest.raises(KeyboardInterrupt):
+            flag.check()
+    finally:
+        flag.restore()
+
+
+def test_two_stops_during_compilation_exit_130_at_once(tmp_path):
+    """The step compiles in a background thread from setup on: a second Ctrl-C then leaves at
+    once with 130 ("interrupted"), not XLA's abort (134) on an interpreter exiting under it."""
+    proc, wait_for, finish = _start_training(tmp_path)
+    wait_for("Compiling the train step")
+    time.sleep(2.5)  # past tracing: XLA is compiling (~10 s for the tiny step on 2 cores)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = finish()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "Compiled the train step" not in out, out[-3000:]
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_the_train_step_compiles_once_fresh_and_resumed(tmp_path, caplog):
+    """Compiled ahead (abstract state, first batch), the first call finds the executable: one
+    compilation of the train step per run, when it starts fresh and when it resumes."""
+    import logging
+
+    def compilations(run):
+        caplog.clear()
+        previous = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)  # global: the compile thread logs too
+        try:
+            with caplog.at_level(logging.WARNING):
+                history = run()
+        finally:
+            jax.config.update("jax_log_compiles", previous)
+        return history, sum(r.getMessage().startswith("Compiling jit(train_step)")
+                            for r in caplog.records)
+
+    fresh, count = compilations(lambda: train(tiny(**{"train.num_steps": 2}), str(tmp_path)))
+    assert [h["step"] for h in fresh] == [1, 2] and count == 1, count
+    resumed, count = compilations(
+        lambda: train(tiny(**{"train.num_steps": 3}), str(tmp_path),
+                      accept_config_change=("train.num_steps",)))
+    assert [h["step"] for h in resumed] == [3] and count == 1, count
+
+
 def test_missing_dataset_names_the_build_command(tmp_path):
     config = load_config("slate_clevr")
     config.data.data_dir = str(tmp_path / "tfds")

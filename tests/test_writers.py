@@ -161,6 +161,34 @@ class FakeClock:
         return self.now
 
 
+def test_a_log_call_inside_a_log_call_does_not_deadlock():
+    """The trainer's signal handler logs, and it can run while the main thread is inside a log
+    call (a SIGTERM'd run once hung there): the console's lock is re-entrant."""
+    import threading
+
+    class Interrupted(io.StringIO):  # a "signal handler" logging in the middle of a write
+        nested = False
+
+        def write(self, text):
+            if not self.nested:
+                self.nested = True
+                log.logger.warning("from the handler")
+            return super().write(text)
+
+    stream = Interrupted()
+    handler = log._Handler(stream)
+    handler.setFormatter(log._Format())
+    log.logger.addHandler(handler)
+    try:
+        worker = threading.Thread(target=log.logger.warning, args=("a step line",), daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "deadlocked"
+    finally:
+        log.logger.removeHandler(handler)
+    assert "from the handler" in stream.getvalue() and "a step line" in stream.getvalue()
+
+
 def test_progress_line_measures_at_logging_steps_only(caplog):
     clock = FakeClock()
     progress = console.ProgressLine(1000, start_step=100, window=10, stream=io.StringIO(),

@@ -158,6 +158,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
+def _jitted_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model: nnx.Module,
+                 donate: bool, flat_optimizer: bool):
+    """(graphdef, params, optimizer, jitted step) for `model`, concrete or abstract."""
+    graphdef, params = split_params(model)
+    labels = param_labels(params, model.learning_rate_group)
+    tx = make_optimizer(config.optim, labels, flat=flat_optimizer)
+    adjoint_stats = reports_adjoint(config)
+    step_fn = make_train_step(graphdef, tx, step_metrics(type(model), adjoint_stats),
+                              decay=config.optim.decay, adjoint_stats=adjoint_stats)
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                     donate_argnums=(0,) if donate else ())
+    return graphdef, params, tx, jitted
+
+
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bool = True,
           flat_optimizer: bool = True) -> tuple[nnx.GraphDef, TrainState, Callable]:
     """(graphdef, initial state replicated on the mesh, jitted train step).
@@ -169,14 +184,35 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, donate: bo
     kernel counts.
     """
     model = models.create(config, rngs=nnx.Rngs(config.seed))
-    graphdef, params = split_params(model)
-    labels = param_labels(params, model.learning_rate_group)
-    tx = make_optimizer(config.optim, labels, flat=flat_optimizer)
+    graphdef, params, tx, jitted = _jitted_step(config, mesh, model, donate, flat_optimizer)
     state = sharding.replicate(TrainState.create(params, tx), mesh)
-    adjoint_stats = reports_adjoint(config)
-    step_fn = make_train_step(graphdef, tx, step_metrics(type(model), adjoint_stats),
-                              decay=config.optim.decay, adjoint_stats=adjoint_stats)
-    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                     donate_argnums=(0,) if donate else ())
     return graphdef, state, jitted
+
+
+class StepBuilder:
+    """The train step before the model is initialised, then the initial state.
+
+    `build` in two halves, so that the step can compile while the parameters are drawn:
+    `StepBuilder(config, mesh)` traces the model's construction abstractly (no parameter is
+    computed) and gives `graphdef`, `abstract_state` (jax.ShapeDtypeStruct leaves with the
+    replicated sharding, what `step.lower` and a checkpoint restore take) and the jitted `step`;
+    `initial_state()` then draws the parameters eagerly, exactly as `build` does (the same
+    values), on the mesh.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 donate: bool = True):
+        self.config, self.mesh = config, mesh
+        model = nnx.eval_shape(lambda: models.create(config, rngs=nnx.Rngs(config.seed)))
+        self.graphdef, params, self._tx, self.step = _jitted_step(config, mesh, model, donate,
+                                                                  flat_optimizer=True)
+        repl = sharding.replicated(mesh)
+        self.abstract_state: TrainState = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl,
+                                           weak_type=x.weak_type),
+            jax.eval_shape(lambda p: TrainState.create(p, self._tx), params))
+
+    def initial_state(self) -> TrainState:
+        model = models.create(self.config, rngs=nnx.Rngs(self.config.seed))
+        _, params = split_params(model)
+        return sharding.replicate(TrainState.create(params, self._tx), self.mesh)

@@ -36,7 +36,8 @@ from fixed_slots.train import evaluation, optim
 from fixed_slots.train.checkpoint import Checkpointer
 from fixed_slots.train.console import ProgressLine
 from fixed_slots.train.plateau import ValidationPlateau
-from fixed_slots.train.train_step import TrainState, build, model_from_params, with_lr_scale
+from fixed_slots.train.train_step import (StepBuilder, TrainState, model_from_params,
+                                          with_lr_scale)
 from fixed_slots.train.workdir import (
     WorkdirLock,
     check_workdir,
@@ -149,11 +150,65 @@ class _Prefetcher:
     def __iter__(self) -> Iterator:
         return self
 
-    def __next__(self):
+    def _fill(self) -> None:
         while len(self.queue) < self.depth:
             batch = next(self.loader)
             self.queue.append((sharding.put_batch(batch, self.mesh), self.loader.get_state()))
+
+    def __next__(self):
+        self._fill()
         return self.queue.popleft()
+
+    def peek(self) -> dict[str, jax.Array]:
+        """The next batch (on the mesh), left in the queue."""
+        self._fill()
+        return self.queue[0][0]
+
+
+class _CompileAhead:
+    """Compiles the train step in a background thread while the main thread initialises the
+    model (XLA compiles without holding the GIL): on a 2-core CPU the README's cold start
+    overlaps its ~12 s compilation with the ~4 s of eager initialisation, and a warm start its
+    cache read.
+
+    The step is lowered for the abstract state and the first batch and key, exactly as the first
+    call will see them, so that call finds the compiled executable in jit's cache (tests check
+    that the step compiles once). `wait()` re-raises the compilation's error. A process must not
+    exit while the thread is inside XLA (the C++ runtime aborts); `in_flight()` tells the CLI's
+    exit path, and the trainer waits for it before re-raising any other error.
+    """
+
+    _running: set["_CompileAhead"] = set()
+
+    def __init__(self, step, *args):
+        self.started = time.perf_counter()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._compile, args=(step, args),
+                                        name="compile-train-step", daemon=True)
+        _CompileAhead._running.add(self)
+        self._thread.start()
+
+    def _compile(self, step, args) -> None:
+        try:
+            step.lower(*args).compile()
+        except BaseException as e:  # re-raised by wait(), in the thread that needs the step
+            self._error = e
+        finally:
+            _CompileAhead._running.discard(self)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+        if self.done() and self._error is not None:
+            raise self._error
+
+
+def compilation_in_flight() -> bool:
+    """Whether a train step is compiling in a background thread of this process (exiting now
+    would abort the process: see `_CompileAhead`)."""
+    return any(not c.done() for c in list(_CompileAhead._running))
 
 
 class _StopFlag:
@@ -172,6 +227,7 @@ class _StopFlag:
 
     def __init__(self, coordinated: bool = False):
         self.stop = False
+        self.stop_now = False  # a second signal: out at once (see `check`)
         self.coordinated = coordinated
         self._count = 0
         self._previous = {}
@@ -199,9 +255,15 @@ class _StopFlag:
             return 1
 
     def _handle(self, signum, frame):
-        self._count += self._deliveries()
+        # The read first, the sum after: a second signal's handler can run nested inside this
+        # one's read (Python handles signals between bytecodes, handlers included); written as
+        # `self._count += self._deliveries()`, this call would then add to the count it loaded
+        # before the nested call and lose that call's increment (two signals seen as one).
+        delivered = self._deliveries()
+        self._count += delivered
         if self._count >= 2:  # a second signal: the user wants out now
             self.restore()
+            self.stop_now = True
             raise KeyboardInterrupt(f"signal {signum} received twice")
         if self.coordinated:
             log.warning("Received signal %d: every process saves a checkpoint at the same step "
@@ -211,6 +273,13 @@ class _StopFlag:
         log.warning("Received signal %d: saving a checkpoint and stopping (send it again to "
                     "stop without saving).", signum)
         self.stop = True
+
+    def check(self) -> None:
+        """Raises the second signal's KeyboardInterrupt again: raised from the handler, it is
+        lost when the handler ran inside a callback whose errors Python ignores (a garbage
+        collector callback of XLA's, seen while the model initialises)."""
+        if self.stop_now:
+            raise KeyboardInterrupt("signal received twice")
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -328,6 +397,8 @@ class _Run:
         self.history: list[dict[str, float]] = []
         self.writer = None
         self.progress: ProgressLine | None = None
+        self.stop: _StopFlag | None = None  # installed with the compilation (setup)
+        self.ahead: _CompileAhead | None = None
 
     # -------------------------------------------------------------------------- setup
 
@@ -342,24 +413,35 @@ class _Run:
                 log.info("Training %s (grad=%s, %d steps) in %s: building the model ...",
                          config.model.name, config.grad, config.train.num_steps, self.workdir)
             self.mesh = sharding.make_mesh(config.train.num_devices)
-            self.graphdef, self.state, self.train_step = build(config, self.mesh)
+            # The step first, the parameters after: it compiles while they are drawn.
+            builder = StepBuilder(config, self.mesh)
+            self.graphdef, self.train_step = builder.graphdef, builder.step
             self.base_key = jax.random.key(config.seed)
-            restored = self.checkpointer.restore_latest({"state": self.state})
-        except BaseException:
+            restored = self.checkpointer.restore_latest({"state": builder.abstract_state})
+            self.data_state = None
+            if restored is not None:
+                step, tree, self.base_key, self.data_state = restored
+                self.state = sharding.replicate(tree["state"], self.mesh)
+                if step < config.train.num_steps:  # a finished run says so instead (run())
+                    log.info("Resumed from %s at step %d%s.", self.ckpt_dir, step,
+                             f" with changes {'; '.join(self.changes)}" if self.changes else "")
+                if self.data_state is not None:
+                    self.loader.set_state(self.data_state)
+                self.start_step = int(jax.device_get(self.state.step))
+            else:
+                self.start_step = 0
+            if self.start_step < config.train.num_steps:
+                self._start_compiling(builder)
+            if restored is None:
+                self.state = builder.initial_state()
+            if self.stop is not None:
+                self.stop.check()
+        except BaseException as error:
             # Closed here, or orbax's background threads die noisily at interpreter exit.
             self.checkpointer.close()
+            self._abandon_compilation(error)
             raise
-        self.data_state = None
         self.plateau = None
-        if restored is not None:
-            step, tree, self.base_key, self.data_state = restored
-            self.state = sharding.replicate(tree["state"], self.mesh)
-            if step < config.train.num_steps:  # a finished run says so instead (run())
-                log.info("Resumed from %s at step %d%s.", self.ckpt_dir, step,
-                         f" with changes {'; '.join(self.changes)}" if self.changes else "")
-            if self.data_state is not None:
-                self.loader.set_state(self.data_state)
-        self.start_step = int(jax.device_get(self.state.step))
         if config.optim.decay == "validation_plateau":
             record = (self.checkpointer.read_metadata(self.start_step).get("plateau", {})
                       if restored is not None else {})
@@ -372,6 +454,29 @@ class _Run:
                                    or self.loader.batches_per_epoch)
         self.model_class = models.get(config.model.name)
         self.evaluator = evaluation_loop.Evaluator(config, self.graphdef, self.mesh)
+
+    def _start_compiling(self, builder: StepBuilder) -> None:
+        """Signals first (a stop during the compilation is heard at once and acted on after
+        step 1), then the compilation in the background, for the first batch."""
+        self.stop = _StopFlag(coordinated=jax.process_count() > 1)
+        self.batches = _Prefetcher(self.loader, self.mesh)
+        self.ahead = _CompileAhead(self.train_step, builder.abstract_state,
+                                   self.batches.peek(), self.base_key)
+        if self.primary:
+            log.info("Compiling the train step (%s, grad=%s) while the model is set up; the "
+                     "first step runs with it ...", self.config.model.name, self.config.grad)
+
+    def _abandon_compilation(self, error: BaseException) -> None:
+        """After `error` in setup: signals restored; a compilation in flight is waited for,
+        unless the user interrupted (the CLI then ends the process at once: see
+        `compilation_in_flight`)."""
+        if self.stop is not None:
+            self.stop.restore()
+        if self.ahead is not None and not isinstance(error, KeyboardInterrupt):
+            try:
+                self.ahead.wait()
+            except BaseException:  # the error being raised is the one to report
+                pass
 
     def _check_resume_config(self) -> list[str]:
         """Refuses a resume whose config changes the run; returns the allowed changes."""
@@ -400,14 +505,17 @@ class _Run:
             if self.start_step >= num_steps:
                 self._finished_already()
                 return self.history
-            writer = self._open_writer()
-            if self.start_step == 0:
-                writer.write_hparams(hparams(config))
-            elif self.changes:
-                writer.write_texts(self.start_step, {"config_changes": "\n".join(self.changes)})
-            self.stop = _StopFlag(coordinated=jax.process_count() > 1)
             try:
+                writer = self._open_writer()
+                if self.start_step == 0:
+                    writer.write_hparams(hparams(config))
+                elif self.changes:
+                    writer.write_texts(self.start_step,
+                                       {"config_changes": "\n".join(self.changes)})
                 step = self._loop()
+            except BaseException as error:
+                self._abandon_compilation(error)
+                raise
             finally:
                 self.stop.restore()
             if self.stop.stop:
@@ -427,15 +535,18 @@ class _Run:
         """Steps until num_steps or a stop request; returns the step reached."""
         config, train = self.config, self.config.train
         num_steps = train.num_steps
-        batches = _Prefetcher(self.loader, self.mesh)
+        batches = self.batches
         progress = ProgressLine(num_steps, start_step=self.start_step,
                                 show=self.model_class.progress_metrics, quiet=not self.primary)
         self.progress, totals, data_state = progress, None, self.data_state
         step = self.start_step
         try:
-            while step < num_steps and not self.stop.stop:
+            # The first step runs even when a stop came during setup: it waits for the
+            # compilation in flight, and the stop is acted on right after it.
+            while step < num_steps and (not self.stop.stop or step == self.start_step):
                 batch, data_state = next(batches)
                 metrics = self._step(batch, first=step == self.start_step)
+                self.stop.check()
                 step += 1
                 totals = metrics if totals is None else _merge(totals, metrics)
                 if self.stop.coordinated and sharding.reached_preemption_sync_point(step):
@@ -461,36 +572,34 @@ class _Run:
         return step
 
     def _step(self, batch, *, first: bool):
-        """One train step; the first one compiles, said on the console with its time. The
-        compilation runs in a worker thread so that Ctrl-C is heard at once (and acted on
-        right after it)."""
+        """One train step; the first one waits for the compilation begun in setup and says on
+        the console how long it took. That wait and step run in a worker thread so that Ctrl-C
+        is heard at once (and acted on right after it)."""
         if not first:
             self.state, metrics = self.train_step(self.state, batch, self.base_key)
             return metrics
         self.diagnostics = _Diagnostics(self.config, self.graphdef, self.mesh)
-        if self.primary:
-            log.info("Compiling the train step (%s, grad=%s); the first step runs with it ...",
-                     self.config.model.name, self.config.grad)
-        start = time.perf_counter()
         result: dict[str, Any] = {}
 
         def work():
             try:
+                self.ahead.wait()  # compiling since setup
                 result["out"] = jax.block_until_ready(
                     self.train_step(self.state, batch, self.base_key))
             except BaseException as e:  # re-raised in the main thread
                 result["error"] = e
 
-        worker = threading.Thread(target=work, name="compile-train-step", daemon=True)
+        worker = threading.Thread(target=work, name="first-train-step", daemon=True)
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.1)  # the main thread keeps handling signals
+            self.stop.check()
         if "error" in result:
             raise result["error"]
         self.state, metrics = result["out"]
         if self.primary:
-            log.info("Compiled the train step and ran step %d in %.1f s.", self.start_step + 1,
-                     time.perf_counter() - start)
+            log.info("Compiled the train step (begun before the model was set up) and ran step "
+                     "%d in %.1f s.", self.start_step + 1, time.perf_counter() - self.ahead.started)
         self.progress.start()
         return metrics
 
