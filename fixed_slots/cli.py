@@ -47,11 +47,12 @@ def _leave_job(code: int) -> None:
 
 def _exit(code: int) -> None:
     """Leaves with `code`; at once (os._exit, after the finally blocks that already ran) while a
-    train step compiles in a background thread: exiting the interpreter under it makes XLA's
-    runtime abort the process (exit 134 instead of `code`)."""
+    background thread of the trainer is inside XLA (compiling the train step, running the first
+    step): exiting the interpreter under it makes XLA's runtime abort the process (exit 134
+    instead of `code`)."""
     _leave_job(code)
     trainer = sys.modules.get("fixed_slots.train.trainer")
-    if trainer is not None and trainer.compilation_in_flight():
+    if trainer is not None and trainer.xla_work_in_flight():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -165,6 +165,30 @@ class _Prefetcher:
         return self.queue[0][0]
 
 
+# Daemon threads of ours that run XLA work (the train step's compilation, the first step).
+# A process must not exit while one is inside XLA: the C++ runtime aborts it (exit 134).
+_xla_threads: set[threading.Thread] = set()
+
+
+def _start_xla_thread(target, name: str) -> threading.Thread:
+    def run():
+        try:
+            target()
+        finally:
+            _xla_threads.discard(thread)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    _xla_threads.add(thread)
+    thread.start()
+    return thread
+
+
+def xla_work_in_flight() -> bool:
+    """Whether a background thread of the trainer is inside XLA now (the CLI then leaves with
+    os._exit instead of running the interpreter's shutdown under it)."""
+    return any(t.is_alive() for t in list(_xla_threads))
+
+
 class _CompileAhead:
     """Compiles the train step in a background thread while the main thread initialises the
     model (XLA compiles without holding the GIL): on a 2-core CPU the README's cold start
@@ -173,42 +197,27 @@ class _CompileAhead:
 
     The step is lowered for the abstract state and the first batch and key, exactly as the first
     call will see them, so that call finds the compiled executable in jit's cache (tests check
-    that the step compiles once). `wait()` re-raises the compilation's error. A process must not
-    exit while the thread is inside XLA (the C++ runtime aborts); `in_flight()` tells the CLI's
-    exit path, and the trainer waits for it before re-raising any other error.
+    that the step compiles once). `wait()` re-raises the compilation's error. The trainer waits
+    for it before re-raising an error of its own; after a Ctrl-C the CLI leaves at once
+    (`xla_work_in_flight`).
     """
-
-    _running: set["_CompileAhead"] = set()
 
     def __init__(self, step, *args):
         self.started = time.perf_counter()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._compile, args=(step, args),
-                                        name="compile-train-step", daemon=True)
-        _CompileAhead._running.add(self)
-        self._thread.start()
 
-    def _compile(self, step, args) -> None:
-        try:
-            step.lower(*args).compile()
-        except BaseException as e:  # re-raised by wait(), in the thread that needs the step
-            self._error = e
-        finally:
-            _CompileAhead._running.discard(self)
+        def compile_step():
+            try:
+                step.lower(*args).compile()
+            except BaseException as e:  # re-raised by wait(), in the thread that needs it
+                self._error = e
 
-    def done(self) -> bool:
-        return not self._thread.is_alive()
+        self._thread = _start_xla_thread(compile_step, "compile-train-step")
 
-    def wait(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-        if self.done() and self._error is not None:
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
             raise self._error
-
-
-def compilation_in_flight() -> bool:
-    """Whether a train step is compiling in a background thread of this process (exiting now
-    would abort the process: see `_CompileAhead`)."""
-    return any(not c.done() for c in list(_CompileAhead._running))
 
 
 class _StopFlag:
@@ -467,9 +476,8 @@ class _Run:
                      "first step runs with it ...", self.config.model.name, self.config.grad)
 
     def _abandon_compilation(self, error: BaseException) -> None:
-        """After `error` in setup: signals restored; a compilation in flight is waited for,
-        unless the user interrupted (the CLI then ends the process at once: see
-        `compilation_in_flight`)."""
+        """After `error`: signals restored; a compilation in flight is waited for, unless the
+        user interrupted (the CLI then ends the process at once: `xla_work_in_flight`)."""
         if self.stop is not None:
             self.stop.restore()
         if self.ahead is not None and not isinstance(error, KeyboardInterrupt):
@@ -589,8 +597,7 @@ class _Run:
             except BaseException as e:  # re-raised in the main thread
                 result["error"] = e
 
-        worker = threading.Thread(target=work, name="first-train-step", daemon=True)
-        worker.start()
+        worker = _start_xla_thread(work, "first-train-step")
         while worker.is_alive():
             worker.join(timeout=0.1)  # the main thread keeps handling signals
             self.stop.check()
@@ -598,8 +605,8 @@ class _Run:
             raise result["error"]
         self.state, metrics = result["out"]
         if self.primary:
-            log.info("Compiled the train step (begun before the model was set up) and ran step "
-                     "%d in %.1f s.", self.start_step + 1, time.perf_counter() - self.ahead.started)
+            log.info("Compiled the train step (in the background since setup) and ran step %d "
+                     "in %.1f s.", self.start_step + 1, time.perf_counter() - self.ahead.started)
         self.progress.start()
         return metrics
 
