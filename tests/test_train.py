@@ -223,8 +223,9 @@ def test_the_train_step_compiles_once_fresh_and_resumed(tmp_path, caplog):
                 history = run()
         finally:
             jax.config.update("jax_log_compiles", previous)
-        return history, sum(r.getMessage().startswith("Compiling jit(train_step)")
-                            for r in caplog.records)
+        messages = [r.getMessage() for r in caplog.records]  # "Compiling jit(train_step) with"
+        return history, sum(m.startswith("Compiling") and "(train_step)" in m.split(" with ")[0]
+                            for m in messages)
 
     fresh, count = compilations(lambda: train(tiny(**{"train.num_steps": 2}), str(tmp_path)))
     assert [h["step"] for h in fresh] == [1, 2] and count == 1, count
