@@ -171,3 +171,25 @@ def test_train_state_create_from_nnx_state_is_pure():
     state = TrainState.create(params, make_optimizer(config.optim, labels))
     assert isinstance(state.params, dict)
     assert not any(is_variable(x) for x in jax.tree.leaves(state, is_leaf=is_variable))
+
+
+@pytest.mark.parametrize("name", ["default:tiny", "slot_autoencoder_synthetic:tiny"])
+def test_step_builder_is_build_in_two_halves(name):
+    """The trainer's StepBuilder: its abstract state is the initial state's shapes, dtypes and
+    shardings (what the step compiles for before any parameter exists), and its initial state
+    is `build`'s, bit for bit."""
+    from fixed_slots.train.train_step import StepBuilder, build
+
+    config = load_config(name)
+    mesh = sharding.make_mesh(2)
+    builder = StepBuilder(config, mesh)
+    state = builder.initial_state()
+    graphdef, reference, _ = build(config, mesh)
+    assert builder.graphdef == graphdef
+    assert jax.tree.structure(builder.abstract_state) == jax.tree.structure(state)
+    for abstract, leaf, ref in zip(jax.tree.leaves(builder.abstract_state),
+                                   jax.tree.leaves(state), jax.tree.leaves(reference)):
+        assert (abstract.shape, abstract.dtype, abstract.weak_type) == (
+            leaf.shape, leaf.dtype, leaf.weak_type)
+        assert abstract.sharding == leaf.sharding
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
