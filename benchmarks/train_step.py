@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fixed_slots import configlib
+from fixed_slots import cli, configlib
 from fixed_slots.train import trainer
 from fixed_slots.modules.decoding import generate_tokens, generate_tokens_full_recompute
 from fixed_slots import sharding
@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no table (with --json)")
     args = parser.parse_args(argv)
     if args.cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        cli.use_compilation_cache(args.cache_dir)
     base = configlib.from_file(args.config, args.set)
     if args.compute_dtype:
         base.train.compute_dtype = args.compute_dtype

@@ -168,12 +168,19 @@ def configure_compilation_cache() -> str | None:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return None  # a read-only home: run without the cache
+    use_compilation_cache(path)
+    return path
+
+
+def use_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path`, as main.py uses it (benchmarks too)."""
+    import jax
+
     jax.config.update("jax_compilation_cache_dir", path)
     # Every executable a run compiles before its first step, the model's eager initialisation
     # ops included (each compiles in milliseconds, but there are a few hundred), not only those
     # slower to compile than JAX's default threshold of one second.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return path
 
 
 def import_flax_without_ipython() -> None:
