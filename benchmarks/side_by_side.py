@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,56 @@ def _run_json(cmd: list[str]) -> dict:
             return json.load(f)
 
 
+def _official_round(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds, warm):
+    record = {"unroll": _run_json(theirs + ["--grad=unroll"]),
+              "implicit": _run_json(theirs + ["--grad=implicit"])}
+    if a.decode:
+        record["decode"] = _run_json(_with_flag(theirs, "batch_size", decode_batch)
+                                     + ["--decode", f"--decode_repeats={a.decode_repeats}"])
+    official_rounds.append(record)
+
+
+def _ours_round(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds, warm):
+    if not warm:
+        ours_rounds.append(_run_json(ours_cmd))
+        return
+    # One fresh compilation cache for both runs: the first compiles (and fills it), the
+    # second starts as main.py's second run of a config does (the cache warm).
+    with tempfile.TemporaryDirectory() as cache:
+        ours = _run_json(ours_cmd + [f"--cache_dir={cache}"])
+        again = _run_json(ours_cmd + [f"--cache_dir={cache}"])
+    for row, second in zip(ours["rows"], again["rows"]):
+        row["warm_max_rss_mib"] = second.get("max_rss_mib")
+        row["warm_ms"] = second["ms"]
+    ours_rounds.append(ours)
+
+
+def _median_rounds(official_rounds: list[dict], ours_rounds: list[dict]) -> tuple[dict, dict]:
+    """One record per side, as one round writes it, with ms/step the median over the rounds
+    (everything else, memory included, from the first round)."""
+    official = {k: dict(v) for k, v in official_rounds[0].items()}
+    for key in ("unroll", "implicit"):
+        official[key]["ms"] = statistics.median(r[key]["ms"] for r in official_rounds)
+    ours = dict(ours_rounds[0])
+    ours["rows"] = [dict(row) for row in ours_rounds[0]["rows"]]
+    for i, row in enumerate(ours["rows"]):
+        row["ms"] = statistics.median(r["rows"][i]["ms"] for r in ours_rounds)
+    return official, ours
+
+
+def rounds_lines(official_rounds: list[dict], ours_rounds: list[dict]) -> list[str]:
+    """Every round's ms/step and speed-up, per variant: the spread the median hides."""
+    lines = ["", "| variant | round | official ms/step | ours ms/step | speed-up |",
+             "|---|---|---|---|---|"]
+    for theirs_key, ours_grad in (("unroll", "unroll"), ("implicit", "neumann1")):
+        for i, (theirs, mine) in enumerate(zip(official_rounds, ours_rounds), 1):
+            row = next(r for r in mine["rows"] if r["grad"] == ours_grad)
+            lines.append(f"| {ours_grad} vs official {theirs_key} | {i} | "
+                         f"{theirs[theirs_key]['ms']:.1f} | {row['ms']:.1f} | "
+                         f"{_ratio(theirs[theirs_key]['ms'], row['ms'])} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
                    help="run ours a second time with the compilation cache the first filled, "
                         "for its peak memory without XLA's compilation (--no-warm: once)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the official and our harness this many times, alternating, and "
+                        "report the median of each side with every round's speed-up (this "
+                        "machine's load drifts by tens of percent within an hour: one round "
+                        "cannot separate 1.3x from 1.5x)")
     p.add_argument("--json", default=None, help="also write every figure here")
     a = p.parse_args(argv)
     if not os.path.isfile(os.path.join(a.slate_dir, "slate.py")):
@@ -166,30 +222,27 @@ def main(argv: list[str] | None = None) -> None:
     if a.compute_dtype == "bfloat16":
         theirs.append("--amp=bf16")
 
-    official = {"unroll": _run_json(theirs + ["--grad=unroll"]),
-                "implicit": _run_json(theirs + ["--grad=implicit"])}
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds={a.rounds}: give at least 1")
     ours_cmd = [sys.executable, os.path.join(HERE, "train_step.py"), f"--config={a.config}",
                 "--grads=unroll,neumann1", f"--iters={t}", *timing,
                 f"--compute_dtype={a.compute_dtype}", "--quiet", *(f"--set={x}" for x in a.set)]
+    decode_batch = a.decode_batch or config.train.batch_size
     if a.decode:
-        decode_batch = a.decode_batch or config.train.batch_size
-        official["decode"] = _run_json(_with_flag(theirs, "batch_size", decode_batch)
-                                       + ["--decode", f"--decode_repeats={a.decode_repeats}"])
         ours_cmd += [f"--decode_repeats={a.decode_repeats}", f"--decode_batch={decode_batch}",
                      "--decode_variants=kv_cache"]
     else:
         ours_cmd.append("--decode_repeats=0")
-    if a.warm:
-        # One fresh compilation cache for both runs: the first compiles (and fills it), the
-        # second starts as main.py's second run of a config does (the cache warm).
-        with tempfile.TemporaryDirectory() as cache:
-            ours = _run_json(ours_cmd + [f"--cache_dir={cache}"])
-            warm = _run_json(ours_cmd + [f"--cache_dir={cache}"])
-        for row, again in zip(ours["rows"], warm["rows"]):
-            row["warm_max_rss_mib"] = again.get("max_rss_mib")
-            row["warm_ms"] = again["ms"]
-    else:
-        ours = _run_json(ours_cmd)
+    official_rounds, ours_rounds = [], []
+    for round_index in range(a.rounds):
+        # Alternate which side goes first, so a drift in the machine's load is not all on one.
+        sides = [_official_round, _ours_round]
+        if round_index % 2:
+            sides.reverse()
+        for side in sides:
+            side(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds,
+                 warm=a.warm and round_index == 0)
+    official, ours = _median_rounds(official_rounds, ours_rounds)
 
     u, h = official["unroll"], ours["header"]
     print(f"# side by side, {time.strftime('%Y-%m-%d')}: official SLATE (files sha256 "
@@ -198,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{h['jax']}; {a.config}{''.join(' --set=' + x for x in a.set)}: "
           f"{h['image_size']}x{h['image_size']}, batch "
           f"{h['batch_size']}, {config.slot_attention.num_slots} slots, T={t}, "
-          f"{a.compute_dtype}; median of {a.steps} steps after {a.warmup} warm-up")
+          f"{a.compute_dtype}; median of {a.steps} steps after {a.warmup} warm-up"
+          + (f"; {a.rounds} alternating rounds, their medians" if a.rounds > 1 else ""))
     print("\n".join(side_by_side_table(official, ours)))
+    if a.rounds > 1:
+        print("\n".join(rounds_lines(official_rounds, ours_rounds)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"official": official, "ours": ours}, f, indent=1)

@@ -116,6 +116,26 @@ def test_side_by_side_table_ratios():
     assert "neumann1 n/a vs official implicit n/a" in rss  # no RSS in these records
 
 
+
+def test_side_by_side_rounds_take_each_sides_median_and_list_every_round():
+    side_by_side = _load("side_by_side")
+    official = [{"unroll": {"ms": ms, "max_rss_mib": 900.0 + i},
+                 "implicit": {"ms": ms - 10}} for i, ms in enumerate([150.0, 100.0, 120.0])]
+    ours = [{"header": {"round": i},
+             "rows": [{"grad": "unroll", "iters": 5, "ms": ms},
+                      {"grad": "neumann1", "iters": 5, "ms": ms / 2}]}
+            for i, ms in enumerate([90.0, 60.0, 80.0])]
+    theirs, mine = side_by_side._median_rounds(official, ours)
+    assert theirs["unroll"]["ms"] == 120.0 and theirs["implicit"]["ms"] == 110.0
+    assert [r["ms"] for r in mine["rows"]] == [80.0, 40.0]
+    # memory and headers are the first round's; the rounds' own records are left as they were
+    assert theirs["unroll"]["max_rss_mib"] == 900.0 and mine["header"] == {"round": 0}
+    assert official[0]["unroll"]["ms"] == 150.0 and ours[0]["rows"][0]["ms"] == 90.0
+    lines = side_by_side.rounds_lines(official, ours)
+    assert "| unroll vs official unroll | 2 | 100.0 | 60.0 | 1.67x |" in lines
+    assert "| neumann1 vs official implicit | 3 | 110.0 | 40.0 | 2.75x |" in lines
+    assert len([line for line in lines if " vs official " in line]) == 6
+
 def test_mixed_precision_benchmark_runs(tmp_path):
     path, plot = tmp_path / "curves.json", tmp_path / "curves.png"
     out = run(["benchmarks/mixed_precision.py", "--config=configs/default.py:tiny", "--steps=4",
