@@ -127,19 +127,17 @@ def _run_json(cmd: list[str]) -> dict:
             return json.load(f)
 
 
-def _official_round(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds, warm):
+def _official_round(theirs: list[str], decode_cmd: list[str] | None) -> dict:
     record = {"unroll": _run_json(theirs + ["--grad=unroll"]),
               "implicit": _run_json(theirs + ["--grad=implicit"])}
-    if a.decode:
-        record["decode"] = _run_json(_with_flag(theirs, "batch_size", decode_batch)
-                                     + ["--decode", f"--decode_repeats={a.decode_repeats}"])
-    official_rounds.append(record)
+    if decode_cmd:
+        record["decode"] = _run_json(decode_cmd)
+    return record
 
 
-def _ours_round(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds, warm):
+def _ours_round(ours_cmd: list[str], warm: bool) -> dict:
     if not warm:
-        ours_rounds.append(_run_json(ours_cmd))
-        return
+        return _run_json(ours_cmd)
     # One fresh compilation cache for both runs: the first compiles (and fills it), the
     # second starts as main.py's second run of a config does (the cache warm).
     with tempfile.TemporaryDirectory() as cache:
@@ -148,7 +146,7 @@ def _ours_round(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds,
     for row, second in zip(ours["rows"], again["rows"]):
         row["warm_max_rss_mib"] = second.get("max_rss_mib")
         row["warm_ms"] = second["ms"]
-    ours_rounds.append(ours)
+    return ours
 
 
 def _median_rounds(official_rounds: list[dict], ours_rounds: list[dict]) -> tuple[dict, dict]:
@@ -228,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
                 "--grads=unroll,neumann1", f"--iters={t}", *timing,
                 f"--compute_dtype={a.compute_dtype}", "--quiet", *(f"--set={x}" for x in a.set)]
     decode_batch = a.decode_batch or config.train.batch_size
+    official_decode = None
     if a.decode:
+        official_decode = (_with_flag(theirs, "batch_size", decode_batch)
+                           + ["--decode", f"--decode_repeats={a.decode_repeats}"])
         ours_cmd += [f"--decode_repeats={a.decode_repeats}", f"--decode_batch={decode_batch}",
                      "--decode_variants=kv_cache"]
     else:
@@ -236,12 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     official_rounds, ours_rounds = [], []
     for round_index in range(a.rounds):
         # Alternate which side goes first, so a drift in the machine's load is not all on one.
-        sides = [_official_round, _ours_round]
-        if round_index % 2:
-            sides.reverse()
-        for side in sides:
-            side(a, theirs, ours_cmd, decode_batch, official_rounds, ours_rounds,
-                 warm=a.warm and round_index == 0)
+        for side in ("ours", "official") if round_index % 2 else ("official", "ours"):
+            if side == "official":
+                official_rounds.append(_official_round(theirs, official_decode))
+            else:
+                ours_rounds.append(_ours_round(ours_cmd, warm=a.warm and round_index == 0))
     official, ours = _median_rounds(official_rounds, ours_rounds)
 
     u, h = official["unroll"], ours["header"]
