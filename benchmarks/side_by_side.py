@@ -9,7 +9,7 @@ and with --decode both autoregressive reconstructions of one batch (official
 reconstruct_autoregressive vs our KV-cache decoder). Every shape and optimiser argument of the
 official harness is derived from our config, so the two sides cannot drift apart. Prints one
 markdown table with the ratios (official / ours) to paste into BENCHMARKS.md; --json writes every
-figure.
+figure (the medians, and each round's records under "rounds").
 
 The official code is never part of this repository: --slate_dir is a checkout you obtain yourself
 (benchmarks/README.md says how) and torch is installed by you; this script only runs the two
@@ -205,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write every figure here")
     a = p.parse_args(argv)
     if not os.path.isfile(os.path.join(a.slate_dir, "slate.py")):
-        raise SystemExit(f"--slate_dir={a.slate_dir} has no slate.py: get a checkout of "
-                         "github.com/singhgautam/slate (benchmarks/README.md says how)")
+        p.error(f"--slate_dir={a.slate_dir} has no slate.py: get a checkout of "
+                "github.com/singhgautam/slate (benchmarks/README.md says how)")
+    if a.rounds < 1:
+        p.error(f"--rounds={a.rounds}: give at least 1")
     config = configlib.from_file(a.config, a.set)
     config.train.compute_dtype = a.compute_dtype
     trainer.check_config(config)
@@ -220,8 +222,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.compute_dtype == "bfloat16":
         theirs.append("--amp=bf16")
 
-    if a.rounds < 1:
-        raise SystemExit(f"--rounds={a.rounds}: give at least 1")
     ours_cmd = [sys.executable, os.path.join(HERE, "train_step.py"), f"--config={a.config}",
                 "--grads=unroll,neumann1", f"--iters={t}", *timing,
                 f"--compute_dtype={a.compute_dtype}", "--quiet", *(f"--set={x}" for x in a.set)]
@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(rounds_lines(official_rounds, ours_rounds)))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"official": official, "ours": ours}, f, indent=1)
+            # The medians as the table shows them, and every round's own records beneath.
+            json.dump({"official": official, "ours": ours,
+                       "rounds": {"official": official_rounds, "ours": ours_rounds}}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

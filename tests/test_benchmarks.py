@@ -136,6 +136,17 @@ def test_side_by_side_rounds_take_each_sides_median_and_list_every_round():
     assert "| neumann1 vs official implicit | 3 | 110.0 | 40.0 | 2.75x |" in lines
     assert len([line for line in lines if " vs official " in line]) == 6
 
+
+def test_side_by_side_bad_arguments_are_usage_errors(tmp_path, capsys):
+    side_by_side = _load("side_by_side")
+    with pytest.raises(SystemExit) as e:
+        side_by_side.main([f"--slate_dir={tmp_path}"])
+    assert e.value.code == 2 and "has no slate.py" in capsys.readouterr().err
+    (tmp_path / "slate.py").write_text("")
+    with pytest.raises(SystemExit) as e:
+        side_by_side.main([f"--slate_dir={tmp_path}", "--rounds=0"])
+    assert e.value.code == 2 and "--rounds=0: give at least 1" in capsys.readouterr().err
+
 def test_mixed_precision_benchmark_runs(tmp_path):
     path, plot = tmp_path / "curves.json", tmp_path / "curves.png"
     out = run(["benchmarks/mixed_precision.py", "--config=configs/default.py:tiny", "--steps=4",
