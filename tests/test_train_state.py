@@ -13,6 +13,7 @@ from fixed_slots.models.slate import Slate
 from fixed_slots.train.optim import learning_rates, make_optimizer, param_labels, plateau_scale
 from fixed_slots.train.train_step import (
     TrainState,
+    apply_updates,
     build,
     model_from_params,
     split_params,
@@ -193,3 +194,27 @@ def test_step_builder_is_build_in_two_halves(name):
             leaf.shape, leaf.dtype, leaf.weak_type)
         assert abstract.sharding == leaf.sharding
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
+
+
+def test_apply_updates_takes_a_finite_step_and_refuses_any_that_would_overflow():
+    params = {"a": jnp.array([1.0, -2.0], jnp.float32), "b": {"c": jnp.full((2, 2), 3.0)}}
+    updates = {"a": jnp.array([0.5, 0.25], jnp.float32), "b": {"c": jnp.full((2, 2), -1.0)}}
+    one, zero = jnp.float32(1.0), jnp.float32(0.0)
+    new, finite = apply_updates(params, updates, one, one)
+    assert bool(finite)
+    jax.tree.map(lambda n, p, u: np.testing.assert_array_equal(n, p + u), new, params, updates)
+
+    def refused(params, updates, loss=one, grad_norm=zero):
+        new, finite = jax.jit(apply_updates)(params, updates, loss, grad_norm)
+        jax.tree.map(np.testing.assert_array_equal, new, params)  # nothing changed
+        return not bool(finite)
+
+    big = jnp.float32(2e38)  # finite, but big + big overflows float32
+    assert refused({"a": jnp.array([big, 0.0])}, {"a": jnp.array([big, 0.0])})
+    assert refused({"a": jnp.array([-big])}, {"a": jnp.array([-big])})
+    assert refused(params, {"a": jnp.array([jnp.nan, 0.0]), "b": updates["b"]})
+    assert refused(params, updates, loss=jnp.float32(jnp.inf))
+    assert refused(params, updates, grad_norm=jnp.float32(jnp.nan))
+    # the largest steps that stay finite are taken
+    new, finite = apply_updates({"a": jnp.array([1e38])}, {"a": jnp.array([2e38])}, one, one)
+    assert bool(finite) and np.isfinite(np.asarray(new["a"])).all()
