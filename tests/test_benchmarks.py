@@ -248,6 +248,70 @@ def test_profile_step_reads_its_trace_on_the_cpu(tmp_path):
     assert "kernels/step" in out and "| kernel | ms/step |" in out
 
 
+_HLO_WITH_FRAMES = """HloModule m
+
+FileNames
+1 "/site-packages/jax/_src/numpy.py"
+2 "/repo/fixed_slots/modules/dvae.py"
+3 "/repo/fixed_slots/train/train_step.py"
+
+FunctionNames
+1 "where"
+2 "Conv2dBlock.__call__"
+3 "train_step"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=5 end_line=5 column=0 end_column=0}
+2 {file_name_id=2 function_name_id=2 line=9 end_line=9 column=0 end_column=0}
+3 {file_name_id=3 function_name_id=3 line=7 end_line=7 column=0 end_column=0}
+
+StackFrames
+1 {file_location_id=3 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=1}
+3 {file_location_id=1 parent_frame_id=2}
+4 {file_location_id=1 parent_frame_id=4}
+
+%fused_computation (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %n = f32[2]{0} negate(%p), metadata={op_name="x" stack_frame_id=1}
+}
+
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %a = f32[2]{0} parameter(0)
+  %f = f32[2]{0} fusion(%a), kind=kLoop, calls=%fused_computation, metadata={stack_frame_id=3}
+  %g = f32[2]{0} fusion(%f), kind=kLoop, calls=%fused_computation, metadata={stack_frame_id=1}
+  %c = f32[2]{0} copy(%g), metadata={stack_frame_id=4}
+  %b = f32[2]{0} bitcast(%c), metadata={stack_frame_id=3}
+  ROOT %d = f32[2]{0} fusion(%b), kind=kLoop, calls=%fused_computation
+}
+"""
+
+
+def test_compile_phases_counts_kernels_by_the_innermost_function_of_ours():
+    compile_phases = _load("compile_phases")
+    counts = compile_phases.kernels_by_function(_HLO_WITH_FRAMES)
+    # frame 3 is jax's `where` called from dvae.py: the dVAE's; the bitcast is no kernel and
+    # the fused computation's negate (not in the entry) is not counted
+    assert counts == {"modules/dvae.py:Conv2dBlock.__call__": 1,
+                      "train/train_step.py:train_step": 1, "(outside package)": 1,
+                      "(no stack)": 1}
+
+
+def test_compile_phases_traces_one_compilation_on_the_cpu(tmp_path):
+    path = tmp_path / "phases.json"
+    out = run(["benchmarks/compile_phases.py", "--config=configs/default.py:tiny", "--top=3",
+               "--min_ms=0", f"--json={path}"])
+    figures = json.loads(path.read_text())
+    assert figures["compile_s"] > 0 and figures["lower_s"] > 0
+    assert figures["kernels"] > 100
+    assert sum(figures["kernels_by_function"].values()) == figures["kernels"]
+    assert any(k.startswith("modules/dvae.py:") for k in figures["kernels_by_function"])
+    busy = [t["busy_ms"] for t in figures["threads"].values()]
+    assert busy and max(busy) <= figures["compile_s"] * 1e3 * 1.05
+    assert any(e["ms"] > 0.5 * figures["compile_s"] * 1e3 for e in figures["timeline"])
+    assert "| kernels | innermost function of ours |" in out and "compile " in out
+
+
 def test_gpu_suite_dry_run_writes_one_report(tmp_path):
     # one real step (the cheapest: one process, one compilation) and one that cannot run here
     out = run(["benchmarks/gpu_suite.py", "--dry_run", f"--out={tmp_path}",
