@@ -14,6 +14,7 @@ Also the relaxation and schedule helpers of the official code: `gumbel_softmax`,
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -38,7 +39,8 @@ class Conv2d(nnx.Conv):
     The same parameters (kernel [1, 1, C_in, C_out], bias) and the same function, to float32
     rounding. Why: XLA's CPU backend runs a pointwise convolution's weight gradient as a
     convolution over transposed copies, a dot over the last axis as one GEMM each way; the
-    dVAE, mostly 1x1 blocks, trains 12% faster so (BENCHMARKS.md, the CPU step).
+    dVAE, mostly 1x1 blocks, trains 12% faster so (BENCHMARKS.md, the CPU step). Its gradient
+    is `pointwise_matmul`'s own (reverse mode only: `jax.jvp` through a pointwise Conv2d raises).
     """
 
     def _is_pointwise(self) -> bool:
@@ -59,9 +61,40 @@ class Conv2d(nnx.Conv):
         dtype = self.dtype or jnp.result_type(inputs, kernel, *([] if bias is None else [bias]))
         inputs, kernel = inputs.astype(dtype), kernel.astype(dtype)
         # [..., H, W, C_in] x [C_in, C_out] -> [..., H, W, C_out]
-        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                                precision=self.precision)
+        y = pointwise_matmul(inputs, kernel, self.precision)  # [..., H, W, C_out]
         return y if bias is None else y + bias.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+    # [..., C_in] x [C_in, C_out] -> [..., C_out]
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _pointwise_fwd(x, w, precision):
+    return _pointwise(x, w, precision), (x, w)
+
+
+def _pointwise_bwd(precision, residuals, dy):
+    x, w = residuals
+    # The barrier keeps XLA from fusing the cotangent's producer (GroupNorm's backward in a
+    # Conv2dBlock) into the transposed copy the weight gradient's GEMM wants: that fusion wrote
+    # its [C_out, N] output with a stride of C_out floats per read, 15 ms of every default CPU
+    # step on its own (BENCHMARKS.md); materialised first, the copy is a plain transpose.
+    dy = jax.lax.optimization_barrier(dy)
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [N, C_in], [N, C_out]
+    dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), precision=precision)
+    return dx, dw
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def pointwise_matmul(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:
+    """x @ w over the last axis ([..., C_in] x [C_in, C_out] -> [..., C_out]), the gradient
+    written out: dx = dy w^T, dw = x^T dy over every leading position, dy materialised first."""
+    return _pointwise(x, w, precision)
 
 
 def conv2d(
