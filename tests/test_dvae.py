@@ -95,6 +95,13 @@ def test_pointwise_conv_as_matmul_is_nnx_conv(use_bias, dtype):
         jax.config.update("jax_enable_x64", False)
 
 
+def test_pointwise_conv_is_reverse_mode_only_as_documented():
+    conv = conv2d(3, 4, 1, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 2, 2, 3), jnp.float32)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(conv, (x,), (x,))
+
+
 def test_only_pointwise_convs_take_the_matmul_path():
     rngs = nnx.Rngs(0)
     assert not conv2d(4, 4, 3, 1, 1, rngs=rngs)._is_pointwise()
