@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -35,6 +36,9 @@ import numpy as np
 from fixed_slots import configlib, sharding
 from fixed_slots.train import trainer
 from fixed_slots.train.train_step import build
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_step import _union_ns  # noqa: E402  (the busy time of a set of intervals)
 
 # Entry-computation instructions that run as kernels (the rest are bitcasts, tuples, parameters).
 _KERNEL = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? (fusion|dot|convolution|copy|concatenate|"
@@ -87,18 +91,6 @@ def kernels_by_function(hlo_text: str, package: str = "fixed_slots/") -> collect
     return counts
 
 
-def _union_ms(intervals: list[tuple[int, int]]) -> float:
-    busy, end = 0, None
-    for start, stop in sorted(intervals):
-        if end is None or start > end:
-            busy += stop - start
-            end = stop
-        elif stop > end:
-            busy += stop - end
-            end = stop
-    return busy / 1e6
-
-
 def compile_profile(trace_dir: str) -> dict:
     """The compiler's events from a trace: per thread busy ms, and the timeline of the thread
     that ran the longest event (XLA's compile call)."""
@@ -120,7 +112,7 @@ def compile_profile(trace_dir: str) -> dict:
     threads = {}
     for name, events in lines.items():
         # Thread-pool lines are named "<pool>/<thread id>": one row per pool thread.
-        threads[name] = {"busy_ms": _union_ms([(s, e) for s, e, _ in events]),
+        threads[name] = {"busy_ms": _union_ns((s, e) for s, e, _ in events) / 1e6,
                          "events": len(events)}
     timeline = [{"start_ms": (s - t0) / 1e6, "ms": (e - s) / 1e6, "name": n}
                 for s, e, n in sorted(lines[main_line])]
