@@ -187,6 +187,31 @@ def test_dispatch_benchmark_compares_state_layouts(tmp_path):
         assert r["busy_enqueue_us"] is None  # --busy_steps=0
 
 
+def test_gradient_all_reduce_compares_both_forms_leaf_by_leaf(tmp_path):
+    path = tmp_path / "figures.json"
+    out = run(["benchmarks/gradient_all_reduce.py", "--config=configs/default.py:tiny",
+               "--repeats=1", f"--json={path}"])
+    assert "| per leaf (the train step) |" in out and "| one buffer (reduced/unreduced) |" in out
+    figures = json.loads(path.read_text())
+    assert figures["devices"] >= 2 and figures["leaves"] > 50
+    per_leaf, one_buffer = figures["forms"].values()
+    # The train step's form all-reduces (about) every leaf; the other a few buffers.
+    assert sum(per_leaf["all_reduce_operands"]) > 50 > sum(one_buffer["all_reduce_operands"])
+    for d in figures["differing_leaves"]:  # what differs is named with its ratio
+        assert d["leaf"].startswith("[") and d["norm_ratio"] > 0
+    # The rank-matched bias is the case the one-buffer form gets right on every jax seen.
+    assert figures["minimal_cases"]["x @ W + b.reshape(1, 1, -1)"] == pytest.approx(
+        {"W": 1.0, "b": 1.0}, rel=1e-4)
+
+
+def test_gradient_all_reduce_counts_each_operand_of_a_tuple_all_reduce():
+    module = _load("gradient_all_reduce")
+    text = ("  %all-reduce.1 = (f32[3]{0}, f32[64,2]{1,0}, f32[]) all-reduce(%a, %b, %c), "
+            "channel_id=1\n  %all-reduce.2 = f32[7]{0} all-reduce(%d), channel_id=2\n"
+            "  %add = f32[7]{0} add(%all-reduce.2, %all-reduce.2)\n")
+    assert module.all_reduce_operands(text) == [3, 1]
+
+
 def test_hlo_op_counts_walk_loop_bodies_once_and_skip_fusion_bodies():
     import jax
     import jax.numpy as jnp
