@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fixed_slots import cli, configlib
+from fixed_slots import cli, configlib, host_memory
 from fixed_slots.train import trainer
 from fixed_slots.modules.decoding import generate_tokens, generate_tokens_full_recompute
 from fixed_slots import sharding
@@ -72,6 +72,9 @@ def time_train_step(config, steps: int, warmup: int, donate: bool = True) -> dic
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # As the trainer does once the step is compiled (after this harness's own analyses, which
+    # the trainer does not run).
+    host_memory.release_freed_memory()
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     # `train_step` (jit's C++ fast path, which reuses the compilation above) as the trainer
     # calls it; the Compiled object's own __call__ is a slower Python path.

@@ -330,13 +330,21 @@ def _files(path):
                   if p.is_file())
 
 
-def test_evaluations_reach_tensorboard_at_several_steps(tmp_path):
+def test_evaluations_reach_tensorboard_at_several_steps(tmp_path, monkeypatch):
     """eval/* scalars on a cadence (no decoding) and at the end (full), from a tiny run's own
-    event files; the end's equal WORKDIR/eval/metrics.json."""
+    event files; the end's equal WORKDIR/eval/metrics.json. The freed heap is given back once
+    the step is compiled and after each evaluation."""
+    from fixed_slots import host_memory
+
+    releases = []
+    release = host_memory.release_freed_memory
+    monkeypatch.setattr(host_memory, "release_freed_memory",
+                        lambda: releases.append(1) or release())
     train(tiny(**{"train.num_steps": 4, "train.eval_every_steps": 2,
                   "train.evaluate_at_end": True}), str(tmp_path))
     scalars = read_scalars(str(tmp_path))
     assert [step for step, _ in scalars["eval/fg_ari"]] == [2, 4]
+    assert len(releases) == 1 + 2
     for tag in ("eval/ari", "eval/fg_ari_std", "eval/mse_dvae_recon", "eval/slot_residual",
                 "eval/fg_ari_token_ceiling"):
         assert [step for step, _ in scalars[tag]] == [2, 4], tag

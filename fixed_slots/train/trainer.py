@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fixed_slots import configlib, log, models, sharding, visualize
+from fixed_slots import configlib, host_memory, log, models, sharding, visualize
 from fixed_slots.data import pipeline
 from fixed_slots.errors import ConfigError, UserError
 from fixed_slots.eval import evaluator as evaluation_loop
@@ -592,6 +592,7 @@ class _Run:
         def work():
             try:
                 self.ahead.wait()  # compiling since setup
+                host_memory.release_freed_memory()  # the compiler's freed heap (host_memory.py)
                 result["out"] = jax.block_until_ready(
                     self.train_step(self.state, batch, self.base_key))
             except BaseException as e:  # re-raised in the main thread
@@ -656,6 +657,7 @@ class _Run:
         self._check_finite()
         evaluation.evaluate_and_record(self.evaluator, self.state.params, step, self.workdir,
                                        self._open_writer(), full=full, primary=self.primary)
+        host_memory.release_freed_memory()  # what compiling the evaluation's functions freed
         if self.progress is not None:
             self.progress.start()  # the evaluation's time is not training speed
 
