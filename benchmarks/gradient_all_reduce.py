@@ -6,9 +6,13 @@ tuple all-reduce of ~120 operands for the default SLATE, which XLA's CPU runtime
 rendezvous of the devices per operand (`profile_step.py`: `Rendezvous` 4 x 120 calls a step). The
 other form marks the parameters `reduced` over the data axis with the axis explicit, runs the
 model with it automatic (`jax.sharding.auto_axes`), ravels the unreduced gradients into one buffer
-and all-reduces that once. This script computes the model's loss gradient both ways on the same
-batch and key (no optimizer), times each (interleaved, median and min), counts the all-reduce
-operands of each compiled program, and compares every leaf with the per-leaf form:
+and all-reduces that once. A third form runs the gradient in `shard_map`, each device on its own
+examples, and sums the raveled gradients in one psum: exact by construction for a loss that is a
+mean over examples, except for the random draws, which each shard makes for its own shape (the model's noise then differs from the global
+batch's), so it is timed, not compared. This script computes the model's loss gradient each way
+on the same batch and key (no optimizer), times each (interleaved, median and min), counts the
+all-reduce operands of each compiled program, and compares every leaf of the one-buffer form
+with the per-leaf one:
 
   python benchmarks/gradient_all_reduce.py --config=configs/default.py --set=slate.dvae_hidden=64
 
@@ -142,6 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
         grads = jax.grad(loss)(params, batch, key, step)
         return jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
 
+    def per_shard(params, batch, key, step):  # [N], in shard_map: each device's own gradient
+        grads = jax.grad(loss)(params, batch, key, step)
+        flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+        return jax.lax.psum(flat, AXIS) / mesh.size  # the mean of the shards' mean losses
+
+    # check_vma=False: the dVAE's 1x1 convolutions' custom gradient returns a per-device weight
+    # gradient for a replicated weight, which the typed check refuses.
+    shard_mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()),
+                                 out_specs=P(), check_vma=False)
+
     def one_buffer(params, batch, key, step):  # [N]: one all-reduce of the raveled partials
         params = jax.tree.map(lambda p: jax.sharding.reshard(p, P(reduced={AXIS})), params)
         grads = jax.grad(jax.sharding.auto_axes(loss, out_sharding=P()))(params, batch, key,
@@ -166,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
             jax.jit(one_buffer, in_shardings=(repl, data, repl, repl)),
             jax.device_put((params, {"image": images}, key, step), (repl, data, repl, repl)),
             explicit),
+        "shard_map, one psum (draws per shard)": (
+            jax.jit(shard_mapped, in_shardings=(auto_repl, auto_data, auto_repl, auto_repl)),
+            jax.device_put((params, {"image": images}, key, step),
+                           (auto_repl, auto_data, auto_repl, auto_repl)), None),
     }
     results, outputs = {}, {}
     for name, (fn, fn_args, context) in forms.items():
@@ -182,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name]["ms"] += _median_min_ms(fn, fn_args, 1)
 
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    reference, candidate = outputs.values()
+    reference, candidate, shard_mapped_out = outputs.values()
     differing, offset = [], 0
     for path, leaf in leaves:
         n = int(np.size(leaf))
@@ -197,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"device": f"{device.device_kind} ({jax.default_backend()})", "jax": jax.__version__,
            "devices": mesh.size, "config": args.config, "overrides": args.set,
            "batch": batch_size, "leaves": len(leaves), "date": time.strftime("%Y-%m-%d"),
-           "forms": results, "differing_leaves": differing}
+           "forms": results, "differing_leaves": differing,
+           "shard_map_relative_difference": float(np.linalg.norm(shard_mapped_out - reference)
+                                                  / np.linalg.norm(reference))}
     print(f"# {out['device']}, jax {out['jax']}, {mesh.size} devices, {args.config}"
           f"{''.join(' --set=' + x for x in args.set)}, batch {batch_size}, {len(leaves)} "
           f"leaves, {out['date']}")
@@ -211,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(differing)} of {len(leaves)}")
     for d in differing:
         print(f"  {d['leaf']} {tuple(d['shape'])}: norm ratio {d['norm_ratio']:.3f}")
+    print("shard_map form against the per-leaf gradient, relative L2: "
+          f"{out['shard_map_relative_difference']:.2g} (each shard draws its own noise for its "
+          "own shape, so this is a timing of the exact form that would need per-example draws, "
+          "not a gradient to compare)")
     out["minimal_cases"] = minimal_cases(explicit)
     print("one-line losses, ||one-buffer grad|| / ||per-leaf grad|| per parameter:")
     for name, ratios in out["minimal_cases"].items():

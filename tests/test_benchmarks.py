@@ -194,9 +194,12 @@ def test_gradient_all_reduce_compares_both_forms_leaf_by_leaf(tmp_path):
     assert "| per leaf (the train step) |" in out and "| one buffer (reduced/unreduced) |" in out
     figures = json.loads(path.read_text())
     assert figures["devices"] >= 2 and figures["leaves"] > 50
-    per_leaf, one_buffer = figures["forms"].values()
-    # The train step's form all-reduces (about) every leaf; the other a few buffers.
+    per_leaf, one_buffer, shard_mapped = figures["forms"].values()
+    # The train step's form all-reduces (about) every leaf; the others a few buffers.
     assert sum(per_leaf["all_reduce_operands"]) > 50 > sum(one_buffer["all_reduce_operands"])
+    assert 0 < sum(shard_mapped["all_reduce_operands"]) < 10
+    # Its draws are the shards' own, so its gradient is close to, not equal to, the others'.
+    assert 0 < figures["shard_map_relative_difference"] < 1
     for d in figures["differing_leaves"]:  # what differs is named with its ratio
         assert d["leaf"].startswith("[") and d["norm_ratio"] > 0
     # The rank-matched bias is the case the one-buffer form gets right on every jax seen.
