@@ -13,7 +13,6 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 Array = Union[np.ndarray, jax.Array]
 
@@ -53,6 +52,8 @@ def hungarian_matching(cost: Array) -> tuple[np.ndarray, np.ndarray]:
       (rows, cols), each [B, min(S, O)] int32: row `rows[b, k]` is matched to column
       `cols[b, k]`; rows are sorted ascending (scipy's convention).
     """
+    import scipy.optimize  # imported here: ~0.1 s of every start otherwise
+
     cost = np.asarray(cost)
     if cost.ndim != 3:
         raise ValueError(f"cost must be [B, S, O], got {cost.shape}")
