@@ -216,3 +216,25 @@ def test_python_m_data_prep_still_works_from_a_checkout(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("fixed_slots.data_prep", run_name="__main__")
     assert exit_.value.code == 0 and capsys.readouterr().out == out.stdout
+
+
+def test_a_training_start_imports_no_scipy():
+    """The trainer's import chain leaves scipy to the two functions that use it (the FID's
+    matrix square root, the Hungarian matching): ~0.3 s and ~37 MiB of every start otherwise
+    (BENCHMARKS.md). Fails naming the module that brought it in."""
+    code = textwrap.dedent("""
+        import sys
+        from fixed_slots.cli import import_flax_without_ipython
+        import_flax_without_ipython()
+        loaded = set(sys.modules)
+        for name in ("fixed_slots.configlib", "fixed_slots.models", "fixed_slots.data.pipeline",
+                     "fixed_slots.train.optim", "fixed_slots.train.trainer"):
+            __import__(name)
+            new = sorted(m for m in set(sys.modules) - loaded
+                         if m in ("scipy.linalg", "scipy.optimize"))
+            assert not new, f"importing {name} imported {new}"
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
