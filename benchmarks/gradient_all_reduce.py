@@ -27,6 +27,7 @@ a positional embedding, an L2 term on a parameter; BENCHMARKS.md.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -105,7 +106,7 @@ def minimal_cases(mesh: jax.sharding.Mesh) -> dict[str, dict[str, float]]:
     return out
 
 
-def _median_min_ms(fn, args, repeats: int) -> list[float]:
+def _times_ms(fn, args, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results, outputs = {}, {}
     for name, (fn, fn_args, context) in forms.items():
-        with jax.set_mesh(context) if context is not None else _nothing():
+        with jax.set_mesh(context) if context is not None else contextlib.nullcontext():
             start = time.perf_counter()
             compiled = fn.lower(*fn_args).compile()
             results[name] = {"compile_s": time.perf_counter() - start,
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
             outputs[name] = np.asarray(jax.block_until_ready(compiled(*fn_args)))
     for _ in range(args.repeats):  # interleaved: the machine's drift falls on both alike
         for name, (fn, fn_args, context) in forms.items():
-            with jax.set_mesh(context) if context is not None else _nothing():
-                results[name]["ms"] += _median_min_ms(fn, fn_args, 1)
+            with jax.set_mesh(context) if context is not None else contextlib.nullcontext():
+                results[name]["ms"] += _times_ms(fn, fn_args, 1)
 
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     reference, candidate, shard_mapped_out = outputs.values()
@@ -243,14 +244,6 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
