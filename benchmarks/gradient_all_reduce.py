@@ -1,5 +1,5 @@
-"""The data-parallel gradient's all-reduce on a CPU host: per leaf (what the train step does) or
-as one flat buffer (JAX's reduced/unreduced shardings), timed and checked leaf by leaf.
+"""The data-parallel gradient's all-reduce on a CPU host: per leaf (what the train step does), as
+one flat buffer (JAX's reduced/unreduced shardings, checked leaf by leaf) and in shard_map.
 
 Under the automatic (GSPMD/Shardy) partitioner the train step all-reduces every gradient leaf: one
 tuple all-reduce of ~120 operands for the default SLATE, which XLA's CPU runtime executes as one
@@ -8,11 +8,11 @@ other form marks the parameters `reduced` over the data axis with the axis expli
 model with it automatic (`jax.sharding.auto_axes`), ravels the unreduced gradients into one buffer
 and all-reduces that once. A third form runs the gradient in `shard_map`, each device on its own
 examples, and sums the raveled gradients in one psum: exact by construction for a loss that is a
-mean over examples, except for the random draws, which each shard makes for its own shape (the model's noise then differs from the global
-batch's), so it is timed, not compared. This script computes the model's loss gradient each way
-on the same batch and key (no optimizer), times each (interleaved, median and min), counts the
-all-reduce operands of each compiled program, and compares every leaf of the one-buffer form
-with the per-leaf one:
+mean over examples, except for the random draws, which each shard makes for its own shape (the
+model's noise then differs from the global batch's), so it is timed, not compared. This script
+computes the model's loss gradient each way on the same batch and key (no optimizer), times each
+(interleaved, median and min), counts the all-reduce operands of each compiled program, and
+compares every leaf of the one-buffer form with the per-leaf one:
 
   python benchmarks/gradient_all_reduce.py --config=configs/default.py --set=slate.dvae_hidden=64
 
@@ -69,6 +69,13 @@ def all_reduce_operands(hlo_text: str) -> list[int]:
     return counts
 
 
+def reduced_grad(loss, params, *args):
+    """The gradient of `loss` w.r.t. `params`, left unreduced over the data axis: the parameters
+    marked `reduced`, the loss run with the axis automatic. Inside `jax.set_mesh(explicit)`."""
+    params = jax.tree.map(lambda p: jax.sharding.reshard(p, P(reduced={AXIS})), params)
+    return jax.grad(jax.sharding.auto_axes(loss, out_sharding=P()))(params, *args)
+
+
 # name -> loss(params, x) with x [16, 5, 8] sharded over the batch; params W [8, 8], b [8],
 # pe [5, 8]. The one-buffer gradient of each parameter should equal the per-leaf one.
 MINIMAL_CASES = {
@@ -95,9 +102,8 @@ def minimal_cases(mesh: jax.sharding.Mesh) -> dict[str, dict[str, float]]:
         reference = jax.grad(loss)(params, x)
 
         def one_buffer(params, x, loss=loss):
-            params = jax.tree.map(lambda a: jax.sharding.reshard(a, P(reduced={AXIS})), params)
-            grads = jax.grad(jax.sharding.auto_axes(loss, out_sharding=P()))(params, x)
-            return jax.tree.map(lambda g: jax.sharding.reshard(g, P()), grads)
+            return jax.tree.map(lambda g: jax.sharding.reshard(g, P()),
+                                reduced_grad(loss, params, x))
 
         with jax.set_mesh(mesh):
             got = jax.jit(one_buffer)(jax.device_put(params, repl), jax.device_put(x, data))
@@ -106,13 +112,10 @@ def minimal_cases(mesh: jax.sharding.Mesh) -> dict[str, dict[str, float]]:
     return out
 
 
-def _times_ms(fn, args, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def _call_ms(fn, args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - start) * 1e3
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  out_specs=P(), check_vma=False)
 
     def one_buffer(params, batch, key, step):  # [N]: one all-reduce of the raveled partials
-        params = jax.tree.map(lambda p: jax.sharding.reshard(p, P(reduced={AXIS})), params)
-        grads = jax.grad(jax.sharding.auto_axes(loss, out_sharding=P()))(params, batch, key,
-                                                                         step)
+        grads = reduced_grad(loss, params, batch, key, step)
         flat = jnp.concatenate([jax.lax.reshape(g, (g.size,), out_sharding=P(unreduced={AXIS}))
                                 for g in jax.tree.leaves(grads)])
         return jax.sharding.reshard(flat, P())
@@ -172,19 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
     explicit = jax.make_mesh((mesh.size,), (AXIS,), devices=mesh.devices.ravel().tolist(),
                              axis_types=(jax.sharding.AxisType.Explicit,))
     repl, data = NamedSharding(explicit, P()), NamedSharding(explicit, P(AXIS))
-    forms = {
+    inputs = (params, {"image": images}, key, step)
+    auto_shardings = (auto_repl, auto_data, auto_repl, auto_repl)
+    explicit_shardings = (repl, data, repl, repl)
+    auto_inputs = jax.device_put(inputs, auto_shardings)
+    forms = {  # name -> (jitted, its inputs, the mesh to trace it under)
         "per leaf (the train step)": (
-            jax.jit(per_leaf, in_shardings=(auto_repl, auto_data, auto_repl, auto_repl)),
-            jax.device_put((params, {"image": images}, key, step),
-                           (auto_repl, auto_data, auto_repl, auto_repl)), None),
+            jax.jit(per_leaf, in_shardings=auto_shardings), auto_inputs, None),
         "one buffer (reduced/unreduced)": (
-            jax.jit(one_buffer, in_shardings=(repl, data, repl, repl)),
-            jax.device_put((params, {"image": images}, key, step), (repl, data, repl, repl)),
-            explicit),
+            jax.jit(one_buffer, in_shardings=explicit_shardings),
+            jax.device_put(inputs, explicit_shardings), explicit),
         "shard_map, one psum (draws per shard)": (
-            jax.jit(shard_mapped, in_shardings=(auto_repl, auto_data, auto_repl, auto_repl)),
-            jax.device_put((params, {"image": images}, key, step),
-                           (auto_repl, auto_data, auto_repl, auto_repl)), None),
+            jax.jit(shard_mapped, in_shardings=auto_shardings), auto_inputs, None),
     }
     results, outputs = {}, {}
     for name, (fn, fn_args, context) in forms.items():
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.repeats):  # interleaved: the machine's drift falls on both alike
         for name, (fn, fn_args, context) in forms.items():
             with jax.set_mesh(context) if context is not None else contextlib.nullcontext():
-                results[name]["ms"] += _times_ms(fn, fn_args, 1)
+                results[name]["ms"].append(_call_ms(fn, fn_args))
 
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     reference, candidate, shard_mapped_out = outputs.values()
